@@ -1,0 +1,194 @@
+"""MoLEConfig: one dataclass for every MoLE method, with the papers' defaults.
+
+Each field carries its help text in ``metadata["help"]``; the CLI and the docs are built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import write_json
+
+METHODS = ("loramoe", "mola", "topp", "dynmole", "ldmole", "remole")
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_TYPE = "DYNMOLE"
+
+# Entropy-loss coefficient when the user leaves it unset: only DynMoLE uses it (eq. 19).
+_DEFAULT_ENTROPY_COEF = {"dynmole": 1e-2}
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class MoLEConfig:
+    """Configuration of a Mixture-of-LoRA-Experts adapter."""
+
+    method: str = _help(
+        "Routing method: loramoe (soft), mola (top-k), topp, dynmole (hybrid), ldmole (sparsegen), remole (ReLU).",
+        default="dynmole",
+    )
+    num_experts: int | list[int] | str = _help(
+        "Experts per adapted module: an int, a per-layer list, or MoLA's layer groups such as '2-4-6-8' "
+        "(the depth split into equal groups, lowest first).",
+        default=6,
+    )
+    r: int = _help("LoRA rank of each expert.", default=24)
+    alpha: float = _help("LoRA alpha; the expert output is scaled by alpha / r.", default=48.0)
+    dropout: float = _help("Dropout on the experts' input.", default=0.05)
+    target_modules: list[str] = _help(
+        "Names (last component) of the linear modules to adapt.",
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+    )
+    top_k: int = _help("MoLA: experts per token.", default=2)
+    top_p: float = _help("Top-p / DynMoLE: cumulative probability threshold, in (0, 1].", default=0.75)
+    top_p_mode: str = _help(
+        "Top-p rule: 'paper' keeps the expert that crosses p (eq. 7); 'reference' drops it (reference code).",
+        default="paper",
+    )
+    q: float = _help("DynMoLE: Tsallis entropic index (> 0; 1.0 is Shannon).", default=1.1)
+    threshold: float = _help(
+        "DynMoLE: normalised-entropy threshold in [0, 1] above which a token is routed soft.", default=0.9
+    )
+    soft_routing: bool = _help(
+        "DynMoLE: use the soft branch for high-entropy tokens (off = 'DynMoLE (Top-p)').", default=True
+    )
+    keep_top_k: int = _help("DynMoLE: minimum number of experts in the sparse branch.", default=2)
+    renormalize: bool = _help(
+        "DynMoLE / Top-p: renormalise the kept gate weights to sum 1 (the reference code does not).",
+        default=False,
+    )
+    lambda_hidden: int = _help("LD-MoLE: hidden size of the lambda MLP.", default=256)
+    lambda_shared: bool = _help(
+        "LD-MoLE: one lambda MLP shared across layers (per input width); off = one per module ('local').",
+        default=True,
+    )
+    sparsity_k: int = _help("LD-MoLE: target number of experts of the sparsity loss.", default=2)
+    sparsity_coef: float = _help("LD-MoLE: sparsity-loss coefficient (our default).", default=1e-2)
+    relu_target_k: float = _help(
+        "ReMoLE: target mean number of active experts; the L1 coefficient adapts towards it.", default=2.0
+    )
+    relu_l1_init: float = _help("ReMoLE: initial L1 coefficient.", default=1e-8)
+    relu_l1_rate: float = _help("ReMoLE: multiplicative update of the L1 coefficient per step.", default=1.2)
+    balance_coef: float = _help("Load-balance loss coefficient alpha (eq. 20); 0 disables it.", default=1e-3)
+    balance_mode: str = _help(
+        "Load-balance f_i: 'soft' = mean gate weight (reference code), 'switch' = fraction of tokens dispatched.",
+        default="soft",
+    )
+    entropy_coef: float | None = _help(
+        "Tsallis entropy loss coefficient beta (eq. 19); unset = 1e-2 for dynmole, 0 otherwise.", default=None
+    )
+    router_init_std: float = _help("Standard deviation of the router weights at initialisation.", default=0.02)
+
+    def __post_init__(self) -> None:
+        if self.entropy_coef is None:
+            self.entropy_coef = _DEFAULT_ENTROPY_COEF.get(self.method, 0.0)
+        if isinstance(self.target_modules, str):
+            self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
+        self.validate()
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.r < 1:
+            raise ValueError(f"rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty")
+        counts = self.expert_counts_spec()
+        if any(n < 1 for n in counts):
+            raise ValueError(f"every expert count must be >= 1, got {self.num_experts!r}")
+        smallest = min(counts)
+        if self.q <= 0:
+            raise ValueError(f"Tsallis q must be > 0, got {self.q}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p_mode not in ("paper", "reference"):
+            raise ValueError(f"top_p_mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"entropy threshold must be in [0, 1], got {self.threshold}")
+        if self.method == "dynmole" and not 1 <= self.keep_top_k <= smallest:
+            raise ValueError(f"keep_top_k must be in [1, num_experts={smallest}], got {self.keep_top_k}")
+        if self.method == "mola" and not 1 <= self.top_k <= smallest:
+            raise ValueError(f"top_k must be in [1, num_experts={smallest}], got {self.top_k}")
+        if self.method == "ldmole" and self.lambda_hidden < 1:
+            raise ValueError(f"lambda_hidden must be >= 1, got {self.lambda_hidden}")
+        if self.method == "ldmole" and self.sparsity_k < 1:
+            raise ValueError(f"sparsity_k must be >= 1, got {self.sparsity_k}")
+        if self.balance_mode not in ("soft", "switch"):
+            raise ValueError(f"balance_mode must be 'soft' or 'switch', got {self.balance_mode!r}")
+        for name in ("balance_coef", "entropy_coef", "sparsity_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def expert_counts_spec(self) -> list[int]:
+        """The expert counts as written: one int, a list, or the groups of 'a-b-c-d'."""
+        if isinstance(self.num_experts, int):
+            return [self.num_experts]
+        if isinstance(self.num_experts, str):
+            try:
+                return [int(part) for part in self.num_experts.split("-")]
+            except ValueError:
+                raise ValueError(f"num_experts string must look like '2-4-6-8', got {self.num_experts!r}") from None
+        return [int(n) for n in self.num_experts]
+
+    def experts_for_layer(self, layer: int | None, num_layers: int) -> int:
+        """Number of experts of the modules in decoder layer ``layer`` (of ``num_layers``)."""
+        counts = self.expert_counts_spec()
+        if isinstance(self.num_experts, int):
+            return self.num_experts
+        if isinstance(self.num_experts, list):
+            if len(counts) != num_layers:
+                raise ValueError(f"num_experts lists {len(counts)} layers but the model has {num_layers}")
+            return counts[layer or 0]
+        group = min((layer or 0) * len(counts) // max(num_layers, 1), len(counts) - 1)
+        return counts[group]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoLEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoLEConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        """Write ``adapter_config.json`` (atomically), with ``extra`` metadata beside the fields."""
+        write_json(path, {"adapter_type": ADAPTER_TYPE, "format_version": ADAPTER_FORMAT_VERSION, **extra, **self.to_dict()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MoLEConfig":
+        """Read ``adapter_config.json``, refusing other adapter types and newer format versions."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        kind = data.pop("adapter_type", None)
+        if kind != ADAPTER_TYPE:
+            hint = " (a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in data else ""
+            raise ValueError(f"{path} is not a dynmole adapter config: adapter_type={kind!r}{hint}")
+        version = data.pop("format_version", None)
+        if not isinstance(version, int) or version > ADAPTER_FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format_version={version!r}; this dynmole reads versions up to "
+                f"{ADAPTER_FORMAT_VERSION}: upgrade dynmole"
+            )
+        for key in ("base_model_name_or_path", "dynmole_version"):
+            data.pop(key, None)
+        return cls.from_dict(data)

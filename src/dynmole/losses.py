@@ -1,0 +1,131 @@
+"""Auxiliary losses of the MoLE methods.
+
+Every function takes per-token tensors with leading dims flattened or not, and a per-token
+weight ``valid`` (1 for real tokens, 0 for padding) of the same leading shape, so padding
+never counts. Coefficients are applied by :func:`aux_losses`, which averages each loss over
+all adapted modules of all layers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from .config import MoLEConfig
+from .entropy import tsallis_entropy
+from .layers import RoutingRecord
+from .routing import sparsity_lower_bound
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` (``(..., [N])``) over the tokens where ``valid`` (``(...)``) is 1."""
+    weight = valid.to(values.dtype)
+    if values.dim() > weight.dim():
+        weight = weight.unsqueeze(-1)
+        total = (values * weight).flatten(0, -2).sum(0)
+    else:
+        total = (values * weight).sum()
+    return total / valid.sum().clamp_min(1).to(values.dtype)
+
+
+def load_balance_loss(
+    probs: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor, mode: str = "soft"
+) -> torch.Tensor:
+    """``N * sum_i f_i P_i`` (DynMoLE eq. 20 without alpha; Fedus et al. 2022).
+
+    ``P_i`` is the mean router probability of expert i over real tokens; ``f_i`` is the mean
+    gate weight (``mode="soft"``, the DynMoLE reference code) or the fraction of tokens
+    dispatched to i (``mode="switch"``; with several experts per token these sum to the mean
+    number of experts). Equals 1 when routing is perfectly balanced.
+    """
+    if mode == "soft":
+        dispatch = gates
+    elif mode == "switch":
+        dispatch = (gates > 0).to(probs.dtype)
+    else:
+        raise ValueError(f"balance mode must be 'soft' or 'switch', got {mode!r}")
+    num_experts = probs.shape[-1]
+    return num_experts * (masked_mean(dispatch, valid) * masked_mean(probs, valid)).sum()
+
+
+def entropy_loss(probs: torch.Tensor, valid: torch.Tensor, q: float = 1.1) -> torch.Tensor:
+    """Mean normalised Tsallis entropy of the router distribution (DynMoLE eq. 19 without beta)."""
+    return masked_mean(tsallis_entropy(probs, q=q, normalize=True), valid)
+
+
+def sparsity_loss(logits: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """LD-MoLE sparsity loss ``mean(relu(lower - lambda))``, where ``lower`` is the smallest
+    lambda keeping at most ``k`` experts active (computed on detached scores)."""
+    lower = sparsity_lower_bound(logits, k)
+    return masked_mean(F.relu(lower - lam.float()).squeeze(-1), valid)
+
+
+def l1_loss(gates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """ReMoE's L1 penalty: mean over tokens of ``sum_i g_i`` (gates are >= 0)."""
+    return masked_mean(gates.sum(dim=-1), valid)
+
+
+def active_experts(gates: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean number of experts with a non-zero gate per real token."""
+    return masked_mean((gates > 0).sum(dim=-1).to(torch.float32), valid)
+
+
+def token_weights(record: RoutingRecord, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """1/0 weights for the tokens of ``record`` from the model's attention mask.
+
+    The router sees hidden states ``(B, T, d)``; with a KV cache the mask covers past tokens
+    too, so its last ``T`` columns are used. Without a mask every token counts.
+    """
+    leading = record.logits.shape[:-1]
+    if attention_mask is None:
+        return torch.ones(leading, device=record.logits.device)
+    mask = attention_mask[..., -leading[-1] :] if len(leading) > 1 else attention_mask.reshape(-1)
+    return mask.reshape(leading).to(device=record.logits.device, dtype=torch.float32)
+
+
+def aux_losses(
+    records: Sequence[RoutingRecord],
+    attention_mask: torch.Tensor | None,
+    config: MoLEConfig,
+    l1_coefficient: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """All auxiliary losses of ``config.method`` over ``records`` (one per adapted module).
+
+    Each loss is averaged over modules, then multiplied by its coefficient. Returns a dict with
+    the parts that apply (``balance``, ``entropy``, ``sparsity``, ``l1``) and their ``total``;
+    also ``active_experts`` (detached, for the ReMoLE coefficient update and logging).
+    """
+    if not records:
+        raise ValueError("no routing records: run a forward pass in training mode first")
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+
+    for record in records:
+        valid = token_weights(record, attention_mask)
+        probs = torch.softmax(record.logits, dim=-1)
+        gates = record.route.gates
+        if config.balance_coef > 0:
+            add("balance", load_balance_loss(probs, gates, valid, config.balance_mode))
+        if config.entropy_coef:
+            add("entropy", entropy_loss(probs, valid, config.q))
+        if record.route.lam is not None and config.sparsity_coef > 0:
+            add("sparsity", sparsity_loss(record.logits, record.route.lam, valid, config.sparsity_k))
+        if l1_coefficient is not None:
+            add("l1", l1_loss(gates, valid))
+        add("active_experts", active_experts(gates.detach(), valid))
+    coefficients = {
+        "balance": config.balance_coef,
+        "entropy": config.entropy_coef,
+        "sparsity": config.sparsity_coef,
+        "l1": l1_coefficient,
+    }
+    count = len(records)
+    parts = {name: coefficients[name] * total / count for name, total in sums.items() if name in coefficients}
+    zero = records[0].logits.new_zeros(())
+    losses = dict(parts, total=sum(parts.values(), zero))
+    losses["active_experts"] = sums["active_experts"] / count
+    return losses

@@ -1,0 +1,68 @@
+"""DynMoLE hybrid routing (DynMoLE eqs. 17-18)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..entropy import tsallis_entropy
+from .top_k import top_k_mask
+from .top_p import TopPMode, top_p_mask
+
+
+def dynamic_route(
+    logits: torch.Tensor,
+    q: float = 1.1,
+    threshold: float | None = 0.9,
+    top_p: float = 0.75,
+    keep_top_k: int = 2,
+    renormalize: bool = False,
+    top_p_mode: TopPMode = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hybrid routing, returning the gates and which tokens took the soft branch.
+
+    Per token, with ``p = softmax(logits)`` and ``S`` the normalised Tsallis entropy of ``p``:
+    if ``S > threshold`` the token is routed soft (``g = p``, eq. 17, first case); otherwise
+    ``g = p * mask`` where ``mask`` is the top-p set united with the top ``keep_top_k`` experts
+    (eq. 18: at least ``keep_top_k`` experts always).
+
+    Args:
+        logits: router logits ``(..., N)``.
+        q: Tsallis entropic index (> 0; 1.0 is Shannon).
+        threshold: normalised-entropy threshold in [0, 1]; ``None`` switches the soft branch
+            off ("DynMoLE (Top-p)" in the paper's table).
+        top_p: cumulative-probability threshold in (0, 1].
+        keep_top_k: minimum number of experts in the sparse branch, 1..N.
+        renormalize: renormalise kept weights to sum 1 (the reference code does not).
+        top_p_mode: ``"paper"`` (eq. 7) or ``"reference"``, see :func:`top_p_mask`.
+
+    Returns:
+        ``(gates, soft_branch)``: gates ``(..., N)`` fp32 with zeros for unselected experts, and
+        a boolean ``(...)`` tensor, True where the token was routed soft.
+    """
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"entropy threshold must be in [0, 1], got {threshold}")
+    probs = torch.softmax(logits.float(), dim=-1)
+    sparse = top_p_mask(probs, top_p, top_p_mode) | top_k_mask(probs, keep_top_k)
+    if threshold is None:
+        soft_branch = torch.zeros(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+        mask = sparse
+    else:
+        soft_branch = tsallis_entropy(probs, q=q, normalize=True) > threshold
+        mask = sparse | soft_branch.unsqueeze(-1)
+    gates = probs * mask
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates, soft_branch
+
+
+def dynamic(
+    logits: torch.Tensor,
+    q: float = 1.1,
+    threshold: float | None = 0.9,
+    top_p: float = 0.75,
+    keep_top_k: int = 2,
+    renormalize: bool = False,
+    top_p_mode: TopPMode = "paper",
+) -> torch.Tensor:
+    """DynMoLE gate weights (eqs. 17-18); see :func:`dynamic_route` for the arguments."""
+    return dynamic_route(logits, q, threshold, top_p, keep_top_k, renormalize, top_p_mode)[0]

@@ -1,0 +1,50 @@
+"""Top-p routing (Huang et al. 2024; DynMoLE eq. 7)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .top_k import top_k_mask
+
+TopPMode = Literal["paper", "reference"]
+
+
+def top_p_mask(probs: torch.Tensor, p: float, mode: TopPMode = "paper") -> torch.Tensor:
+    """Boolean mask of the experts top-p keeps, along the last dim.
+
+    ``mode="paper"`` (DynMoLE eq. 7, default): sort descending and keep the smallest prefix
+    whose cumulative probability is >= ``p`` (the expert that crosses ``p`` is kept).
+    ``mode="reference"``: the DynMoLE reference code keeps the experts whose cumulative sum is
+    <= ``p`` (the expert that crosses ``p`` is dropped); this may keep no expert at all.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    if mode not in ("paper", "reference"):
+        raise ValueError(f"top_p mode must be 'paper' or 'reference', got {mode!r}")
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    if mode == "paper":
+        keep_sorted = (cumulative - sorted_probs) < p
+    else:
+        keep_sorted = cumulative <= p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def top_p(
+    logits: torch.Tensor, p: float, mode: TopPMode = "paper", renormalize: bool = False
+) -> torch.Tensor:
+    """Top-p gates ``g = softmax(logits) * mask`` (DynMoLE eq. 7).
+
+    At least the top-1 expert is always kept (this matters only in ``"reference"`` mode, whose
+    rule alone may keep none). Weights are not renormalised unless ``renormalize=True``, as in
+    the DynMoLE reference code.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    mask = top_p_mask(probs, p, mode)
+    mask = mask | top_k_mask(probs, 1)
+    gates = probs * mask
+    if renormalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates

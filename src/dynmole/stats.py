@@ -1,0 +1,78 @@
+"""Routing statistics, accumulated on the device without host syncs and read on demand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .entropy import tsallis_entropy
+from .layers import RoutingRecord
+from .losses import token_weights
+
+
+@dataclass
+class _ModuleTotals:
+    tokens: torch.Tensor
+    experts: torch.Tensor
+    entropy: torch.Tensor
+    soft: torch.Tensor
+    load: torch.Tensor
+    histogram: torch.Tensor  # tokens by number of active experts (0..N)
+
+
+@dataclass
+class RoutingStats:
+    """Per adapted module: experts active per token, router entropy (normalised Shannon and
+    Tsallis), share of tokens DynMoLE routed soft, and each expert's load (share of the gate
+    mass). Padding tokens never count."""
+
+    q: float = 1.1
+    totals: dict[str, _ModuleTotals] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.totals.clear()
+
+    @torch.no_grad()
+    def update(self, records: Sequence[RoutingRecord], attention_mask: torch.Tensor | None) -> None:
+        for record in records:
+            valid = token_weights(record, attention_mask).reshape(-1)
+            probs = torch.softmax(record.logits, dim=-1).reshape(-1, record.logits.shape[-1])
+            gates = record.route.gates.detach().reshape(probs.shape)
+            active = (gates > 0).sum(dim=-1)
+            soft = record.route.soft_branch
+            soft = soft.reshape(-1).float() if soft is not None else torch.zeros_like(valid)
+            mass = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            num_experts = probs.shape[-1]
+            update = _ModuleTotals(
+                tokens=valid.sum(),
+                experts=(active.float() * valid).sum(),
+                entropy=(tsallis_entropy(probs, q=self.q) * valid).sum(),
+                soft=(soft * valid).sum(),
+                load=(mass * valid.unsqueeze(-1)).sum(dim=0),
+                histogram=torch.zeros(num_experts + 1, device=valid.device).index_add_(0, active, valid),
+            )
+            previous = self.totals.get(record.module)
+            if previous is None:
+                self.totals[record.module] = update
+            else:
+                for name in update.__dataclass_fields__:
+                    setattr(previous, name, getattr(previous, name) + getattr(update, name))
+
+    def summary(self) -> dict[str, dict]:
+        """Per module: ``tokens``, ``mean_experts``, ``entropy``, ``soft_fraction``, ``load``
+        (fractions summing to 1) and ``experts_histogram``. This reads the device (one sync)."""
+        out: dict[str, dict] = {}
+        for module, t in self.totals.items():
+            tokens = max(float(t.tokens), 1.0)
+            load_total = max(float(t.load.sum()), 1e-12)
+            out[module] = {
+                "tokens": int(float(t.tokens)),
+                "mean_experts": float(t.experts) / tokens,
+                "entropy": float(t.entropy) / tokens,
+                "soft_fraction": float(t.soft) / tokens,
+                "load": [float(v) / load_total for v in t.load.tolist()],
+                "experts_histogram": [int(v) for v in t.histogram.tolist()],
+            }
+        return out
