@@ -1,0 +1,5 @@
+"""Tasks, prompts and loaders."""
+
+from .example import Example
+
+__all__ = ["Example"]
