@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .numerics import upcast
+
 # Smallest probability used inside log/power, so that gradients stay finite at p == 0.
 _TINY = 1e-12
 
@@ -60,7 +62,7 @@ def tsallis_entropy(
     """
     if q <= 0:
         raise ValueError(f"Tsallis entropic index q must be > 0, got {q}")
-    p = p.float()
+    p = upcast(p)
     if eps:
         p = p + eps
     if q == 1.0:

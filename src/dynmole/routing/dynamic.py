@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import upcast
+
 from ..entropy import tsallis_entropy
 from .top_k import top_k_mask
 from .top_p import TopPMode, top_p_mask
@@ -41,7 +43,7 @@ def dynamic_route(
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"entropy threshold must be in [0, 1], got {threshold}")
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(upcast(logits), dim=-1)
     sparse = top_p_mask(probs, top_p, top_p_mode) | top_k_mask(probs, keep_top_k)
     if threshold is None:
         soft_branch = torch.zeros(probs.shape[:-1], dtype=torch.bool, device=probs.device)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import upcast
+
 
 def relu(logits: torch.Tensor) -> torch.Tensor:
     """``g = relu(logits)`` (ReMoE). A token may get no expert at all."""
-    return torch.relu(logits.float())
+    return torch.relu(upcast(logits))
 
 
 def update_l1_coefficient(

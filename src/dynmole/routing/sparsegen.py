@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+
+from ..numerics import upcast
 from torch import nn
 from torch.nn import functional as F
 
@@ -35,7 +37,7 @@ def sparsegen(logits: torch.Tensor, lam: torch.Tensor | float) -> torch.Tensor:
     Returns:
         Gates ``(..., N)``, fp32.
     """
-    u = logits.float()
+    u = upcast(logits)
     lam = torch.as_tensor(lam, dtype=u.dtype, device=u.device)
     u_sorted, prefix, ks = _sorted_prefix(u)
     support = (1.0 - lam + ks * u_sorted) > prefix
@@ -51,7 +53,7 @@ def sparsity_lower_bound(logits: torch.Tensor, k: int) -> torch.Tensor:
     ``lower = 1 - (U_k - k u_(k+1))`` on detached scores; shape ``(..., 1)``. With
     ``k >= N`` every lambda keeps at most N experts, so the bound is ``-inf``.
     """
-    u_sorted, prefix, _ = _sorted_prefix(logits.detach().float())
+    u_sorted, prefix, _ = _sorted_prefix(upcast(logits.detach()))
     if k >= logits.shape[-1]:
         return torch.full_like(prefix[..., :1], float("-inf"))
     return 1.0 - (prefix[..., k - 1 : k] - k * u_sorted[..., k : k + 1])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..numerics import upcast
+
 
 def top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of ``probs`` along the last dim (eq. 6)."""
@@ -24,6 +26,6 @@ def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         Gate weights ``(..., N)``, fp32, exactly zero for the experts not selected.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(upcast(logits), dim=-1)
     kept = probs * top_k_mask(probs, k)
     return kept / kept.sum(dim=-1, keepdim=True)

@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from ..numerics import upcast
+
 from .top_k import top_k_mask
 
 TopPMode = Literal["paper", "reference"]
@@ -41,7 +43,7 @@ def top_p(
     rule alone may keep none). Weights are not renormalised unless ``renormalize=True``, as in
     the DynMoLE reference code.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(upcast(logits), dim=-1)
     mask = top_p_mask(probs, p, mode)
     mask = mask | top_k_mask(probs, 1)
     gates = probs * mask

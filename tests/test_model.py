@@ -1,0 +1,225 @@
+import json
+
+import pytest
+import torch
+
+import dynmole
+from dynmole import MoLEConfig, get_mole_model, load_mole_model
+from dynmole.layers import MoLELinear
+
+METHODS = list(dynmole.METHODS)
+
+
+def _randomise_adapter(model):
+    """Make the adapter non-trivial (B starts at zero)."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for layer in model.mole_layers():
+            layer.lora_B.normal_(std=0.5)
+            layer.router.normal_(std=1.0)
+
+
+def _batch(vocab=96):
+    torch.manual_seed(7)
+    ids = torch.randint(0, vocab, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fresh_adapter_equals_base(tiny_llama, method):
+    ids, mask = _batch()
+    expected = tiny_llama()(input_ids=ids, attention_mask=mask).logits
+    model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=4, alpha=8))
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(tiny_llama, tmp_path, method):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=4, alpha=8, lambda_hidden=8)).eval()
+    _randomise_adapter(model)
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(expected, tiny_llama()(input_ids=ids, attention_mask=mask).logits)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["method"] == method and saved["adapter_type"] == "DYNMOLE"
+    # adapter weights only: far smaller than the base model
+    base_bytes = sum(p.numel() * 4 for p in tiny_llama().parameters())
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size < base_bytes
+    restored = load_mole_model(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(restored(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_adapter_only(tiny_llama, method):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=4, alpha=8, lambda_hidden=8, dropout=0.0))
+    _randomise_adapter(model)
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names, "nothing trainable"
+    for name, param in model.named_parameters():
+        if name in names:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None, name
+    kinds = {n.rsplit(".", 1)[-1] for n in names}
+    assert {"lora_A", "lora_B", "router"} <= kinds
+    if method == "ldmole":
+        assert any(n.startswith("lambda_mlps.") for n in names)
+    base_names = {n for n, _ in tiny_llama().named_parameters()}
+    assert not names & {f"base_model.{n}" for n in base_names}
+
+
+def test_aux_loss_added_and_reported(tiny_llama):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, alpha=8))
+    model.train()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    plain = tiny_llama().train()(input_ids=ids, attention_mask=mask, labels=ids).loss
+    aux = model.last_aux_losses
+    assert set(aux) >= {"balance", "entropy", "total"}
+    torch.testing.assert_close(out.loss, plain + aux["total"], rtol=1e-5, atol=1e-6)
+    # six modules (3 targets x 2 layers), uniform-ish router: entropy close to 1 -> loss close to beta
+    assert 0.005 < aux["entropy"].item() <= 0.01 + 1e-6
+
+
+def test_gradient_checkpointing_keeps_router_gradients(tiny_llama):
+    ids, mask = _batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, alpha=8, dropout=0.0))
+        _randomise_adapter(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append(torch.cat([layer.router.grad.flatten() for layer in model.mole_layers()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_generate_with_kv_cache_matches_no_cache(tiny_llama):
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, alpha=8)).eval()
+    _randomise_adapter(model)
+    prompt = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert cached.shape == (1, 11)
+    assert torch.equal(cached, uncached)
+
+
+def test_layerwise_expert_counts(tiny_llama):
+    model = get_mole_model(tiny_llama(layers=4), MoLEConfig(method="mola", num_experts="2-4-6-8", top_k=2, r=2))
+    counts = {}
+    for layer in model.mole_layers():
+        counts.setdefault(int(layer.name.split(".")[2]), set()).add(layer.num_experts)
+    assert counts == {0: {2}, 1: {4}, 2: {6}, 3: {8}}
+    listed = get_mole_model(tiny_llama(), MoLEConfig(method="loramoe", num_experts=[3, 5], r=2))
+    assert sorted({layer.num_experts for layer in listed.mole_layers()}) == [3, 5]
+
+
+def test_local_lambda_mlps(tiny_llama):
+    shared = get_mole_model(tiny_llama(), MoLEConfig(method="ldmole", lambda_hidden=8))
+    local = get_mole_model(tiny_llama(), MoLEConfig(method="ldmole", lambda_hidden=8, lambda_shared=False))
+    assert len(shared.lambda_mlps) == 2  # one per input width (hidden 32, intermediate 48)
+    assert len(local.lambda_mlps) == 0
+    assert sum(hasattr(layer, "lambda_mlp") for layer in local.mole_layers()) == 6
+
+
+def test_routing_stats(tiny_llama):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, alpha=8)).eval()
+    _randomise_adapter(model)
+    with torch.no_grad(), model.collect_routing_stats() as stats:
+        model(input_ids=ids, attention_mask=mask)
+    summary = stats.summary()
+    assert len(summary) == 6
+    for module in summary.values():
+        assert module["tokens"] == int(mask.sum())
+        assert 2 <= module["mean_experts"] <= 6
+        assert 0 <= module["entropy"] <= 1 and 0 <= module["soft_fraction"] <= 1
+        assert sum(module["load"]) == pytest.approx(1.0)
+        assert sum(module["experts_histogram"]) == int(mask.sum())
+    # stats are off by default: a plain forward records nothing
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert summary == stats.summary()
+
+
+def test_trainable_parameters_reported(tiny_llama, capsys):
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, num_experts=6))
+    model.print_trainable_parameters()
+    trainable, _ = model.trainable_parameters()
+    # per layer: gate/up (32 -> 48) and down (48 -> 32): A + B + router
+    per_layer = 2 * (6 * 4 * 32 + 48 * 6 * 4 + 6 * 32) + (6 * 4 * 48 + 32 * 6 * 4 + 6 * 48)
+    assert trainable == 2 * per_layer
+    assert f"trainable params: {trainable:,d}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"q": 0}, "q must be > 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"keep_top_k": 7}, "keep_top_k must be in"),
+        ({"method": "mola", "top_k": 7}, "top_k must be in"),
+        ({"threshold": 1.2}, r"threshold must be in \[0, 1\]"),
+        ({"r": 0}, "rank r must be >= 1"),
+        ({"method": "moe"}, "unknown method 'moe'"),
+        ({"num_experts": "2-x"}, "must look like"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MoLEConfig(**kwargs)
+
+
+def test_missing_target_module_names_existing(tiny_llama):
+    with pytest.raises(ValueError, match=r"not found in the model; its linear modules are: .*q_proj"):
+        get_mole_model(tiny_llama(), MoLEConfig(target_modules=["c_fc"]))
+
+
+def test_load_rejects_mismatched_and_corrupt_adapters(tiny_llama, tmp_path):
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4))
+    model.save_pretrained(tmp_path / "a")
+    # another base model shape
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        load_mole_model(other, tmp_path / "a")
+    # truncated weights
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_mole_model(tiny_llama(), tmp_path / "a")
+    # newer format
+    model.save_pretrained(tmp_path / "b")
+    config_path = tmp_path / "b" / "adapter_config.json"
+    data = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(ValueError, match="upgrade dynmole"):
+        load_mole_model(tiny_llama(), tmp_path / "b")
+    config_path.write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        load_mole_model(tiny_llama(), tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="not a dynmole adapter folder|dynmole adapter folder"):
+        load_mole_model(tiny_llama(), tmp_path / "missing")
+
+
+def test_inference_mode_and_isinstance(tiny_llama):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="ldmole", lambda_hidden=8)).eval()
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.shape == (2, 9, 96)
+    assert all(isinstance(m, MoLELinear) for m in model.mole_layers())
+    assert model.config.vocab_size == 96  # attribute forwarded to the base model
