@@ -28,3 +28,23 @@ def tiny_llama():
         return LlamaForCausalLM(config).eval()
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level tokenizer built offline (vocabulary < 96 so it fits ``tiny_llama``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = (
+        "question answer yes no true false the a is of what which who sky blue green red sun hot cold "
+        "water wet dry fire ice cat dog runs flies bird fish swims : ? . , \n"
+    ).split(" ")
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )

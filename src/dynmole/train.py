@@ -1,0 +1,216 @@
+"""Fine-tuning on the HF ``Trainer``: MoLE methods, plus LoRA and DoRA through PEFT.
+
+Multi-GPU and multi-node runs go through ``accelerate launch`` / ``torchrun``: the Trainer
+handles data parallelism, so nothing here distributes work by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .config import METHODS, MoLEConfig
+from .data.example import Example
+from .data.tokenize import AnswerCollator, encode_example
+from .model import WEIGHTS_NAME, MoLEModel, get_mole_model
+
+logger = logging.getLogger(__name__)
+
+PEFT_METHODS = ("lora", "dora")
+ALL_METHODS = PEFT_METHODS + METHODS
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the adapter (:class:`MoLEConfig`)."""
+
+    output_dir: str = _help("Folder for checkpoints, logs and the final adapter.", default="runs/dynmole")
+    epochs: float = _help("Training epochs (ignored when max_steps > 0).", default=2.0)
+    max_steps: int = _help("Stop after this many optimizer steps (-1: use epochs).", default=-1)
+    batch_size: int = _help("Examples per device per step.", default=16)
+    grad_accum: int = _help("Gradient accumulation steps.", default=1)
+    lr: float = _help("Peak learning rate.", default=2e-4)
+    warmup_ratio: float = _help("Share of steps with linear warm-up.", default=0.03)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    cutoff_len: int = _help("Maximum tokens per example (the prompt is cut from the left).", default=512)
+    seed: int = _help("Random seed (model init, data order, dropout).", default=42)
+    precision: str = _help("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.", default="auto")
+    gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    logging_steps: int = _help("Log loss, aux-loss parts and routing every N steps.", default=10)
+    save_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
+    save_total_limit: int = _help("Checkpoints kept.", default=2)
+    resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
+    report_to: str = _help("Trackers: tensorboard, none, wandb, ...", default="tensorboard")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log record (loss, aux parts, routing, learning rate) to ``log.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer signature
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class MoLETrainer(Trainer):
+    """``Trainer`` that logs the MoLE aux-loss parts and saves adapters only.
+
+    The aux losses are already in the model's returned loss; their parts are summed on the
+    device each step and read (one sync) only when the Trainer logs.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._aux_sums: dict[str, torch.Tensor] = {}
+        self._aux_steps = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mole = _unwrap(model)
+        if isinstance(mole, MoLEModel) and mole.last_aux_losses:
+            for name, value in mole.last_aux_losses.items():
+                self._aux_sums[name] = self._aux_sums.get(name, 0) + value
+            self._aux_steps += 1
+        return result
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._aux_steps:
+            for name, total in self._aux_sums.items():
+                key = "experts_per_token" if name == "active_experts" else f"aux_{name}"
+                logs[key] = round(float(total) / self._aux_steps, 6)
+            self._aux_sums, self._aux_steps = {}, 0
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"training loss is {logs['loss']} at step {self.state.global_step}")
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        mole = _unwrap(self.model)
+        if not isinstance(mole, MoLEModel):
+            return super()._save(output_dir, state_dict)
+        target = Path(output_dir or self.args.output_dir)
+        mole.save_pretrained(target)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(target)
+        torch.save(self.args, target / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        mole = _unwrap(model or self.model)
+        if not isinstance(mole, MoLEModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        mole.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
+
+
+def adapt_model(model: nn.Module, method: str, mole: MoLEConfig) -> nn.Module:
+    """Wrap ``model`` with the adapter of ``method``: a MoLE method, or PEFT LoRA/DoRA."""
+    if method in METHODS:
+        return get_mole_model(model, dataclasses.replace(mole, method=method))
+    if method in PEFT_METHODS:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=mole.r,
+            lora_alpha=mole.alpha,
+            lora_dropout=mole.dropout,
+            target_modules=list(mole.target_modules),
+            use_dora=method == "dora",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
+
+
+def _precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(checkpoints[-1]) if checkpoints else None
+
+
+def train(
+    model: nn.Module, tokenizer: Any, examples: list[Example], config: TrainConfig
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune an adapted ``model`` on ``examples`` (cross-entropy on answer tokens + aux losses).
+
+    Returns the trained model and a summary (train loss, steps, runtime, log history). The final
+    adapter is saved in ``<output_dir>/adapter``.
+    """
+    from datasets import Dataset
+
+    if not examples:
+        raise ValueError("no training examples")
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    features = Dataset.from_list([encode_example(tokenizer, ex, config.cutoff_len) for ex in examples])
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=max(config.save_steps, 1),
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **_precision_flags(config.precision),
+    )
+    trainer = MoLETrainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=AnswerCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogger(output_dir / "log.jsonl")],
+    )
+    resume = _last_checkpoint(output_dir) if config.resume else None
+    if config.resume and resume is None:
+        logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output_dir / "adapter"))
+    summary = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "examples": len(examples),
+        "runtime_s": result.metrics.get("train_runtime"),
+        "log_history": trainer.state.log_history,
+    }
+    return model, summary

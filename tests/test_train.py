@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+
+from dynmole import MoLEConfig
+from dynmole.data import Example
+from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from dynmole.model import MoLEModel
+from dynmole.train import TrainConfig, adapt_model, train
+
+
+def _examples(n=16):
+    facts = [("the sky is", " blue"), ("fire is", " hot"), ("ice is", " cold"), ("water is", " wet")]
+    out = []
+    for i in range(n):
+        prompt, answer = facts[i % len(facts)]
+        out.append(Example(f"toy/{i}", "toy", f"question : {prompt} ? answer :", (answer, " red"), 0))
+    return out
+
+
+def test_prompt_and_padding_masked(tiny_tokenizer):
+    ex = _examples(1)[0]
+    feature = encode_example(tiny_tokenizer, ex)
+    prompt_len = len(tiny_tokenizer(ex.prompt)["input_ids"])
+    answer = tiny_tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    assert feature["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert feature["labels"][prompt_len:] == answer
+    assert feature["input_ids"][prompt_len:] == answer
+    short = encode_example(tiny_tokenizer, Example("t/1", "t", "yes", (" no",), 0))
+    batch = AnswerCollator(tiny_tokenizer.pad_token_id)([feature, short])
+    pad = batch["attention_mask"][1] == 0
+    assert pad.any() and (batch["labels"][1][pad] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1][pad] == tiny_tokenizer.pad_token_id).all()
+
+
+def test_cutoff_keeps_answer(tiny_tokenizer):
+    ex = Example("t/1", "t", " ".join(["the sky is blue ."] * 30), (" yes",), 0)
+    feature = encode_example(tiny_tokenizer, ex, cutoff_len=16)
+    assert len(feature["input_ids"]) == 16
+    assert feature["labels"][-2:] == feature["input_ids"][-2:]
+
+
+@pytest.mark.parametrize("method", ["dynmole", "ldmole", "lora", "dora"])
+def test_training_lowers_loss_and_saves(tiny_llama, tiny_tokenizer, tmp_path, method):
+    torch.manual_seed(0)
+    model = adapt_model(tiny_llama(), method, MoLEConfig(r=4, alpha=8, dropout=0.0, lambda_hidden=8))
+    config = TrainConfig(
+        output_dir=str(tmp_path), max_steps=30, batch_size=8, lr=1e-2, logging_steps=5, report_to="none",
+        warmup_ratio=0.0,
+    )
+    model, summary = train(model, tiny_tokenizer, _examples(), config)
+    losses = [entry["loss"] for entry in summary["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.2  # the tiny random model plateaus near 4.1 (small lm_head init)
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records)
+    if isinstance(model, MoLEModel):
+        logged = [r for r in records if "loss" in r][0]
+        assert "aux_balance" in logged and "experts_per_token" in logged
