@@ -57,8 +57,12 @@ def test_aux_losses_parts_and_coefficients():
 
 
 def test_entropy_loss_off_for_other_methods():
-    assert MoLEConfig(method="mola").entropy_coef == 0.0
-    assert MoLEConfig(method="dynmole").entropy_coef == pytest.approx(1e-2)
+    import dataclasses
+
+    assert MoLEConfig(method="mola").entropy_weight == 0.0
+    assert MoLEConfig(method="dynmole").entropy_weight == pytest.approx(1e-2)
+    assert dataclasses.replace(MoLEConfig(method="dynmole"), method="mola").entropy_weight == 0.0
+    assert MoLEConfig(method="mola", entropy_coef=1e-3).entropy_weight == pytest.approx(1e-3)
 
 
 def test_sparsity_loss_zero_when_lambda_high_enough():

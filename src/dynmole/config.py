@@ -86,8 +86,6 @@ class MoLEConfig:
     router_init_std: float = _help("Standard deviation of the router weights at initialisation.", default=0.02)
 
     def __post_init__(self) -> None:
-        if self.entropy_coef is None:
-            self.entropy_coef = _DEFAULT_ENTROPY_COEF.get(self.method, 0.0)
         if isinstance(self.target_modules, str):
             self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
         self.validate()
@@ -95,6 +93,13 @@ class MoLEConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.r
+
+    @property
+    def entropy_weight(self) -> float:
+        """``entropy_coef``, or the method's default when it is unset (1e-2 for dynmole, else 0)."""
+        if self.entropy_coef is not None:
+            return self.entropy_coef
+        return _DEFAULT_ENTROPY_COEF.get(self.method, 0.0)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -129,7 +134,7 @@ class MoLEConfig:
         if self.balance_mode not in ("soft", "switch"):
             raise ValueError(f"balance_mode must be 'soft' or 'switch', got {self.balance_mode!r}")
         for name in ("balance_coef", "entropy_coef", "sparsity_coef"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0.0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def expert_counts_spec(self) -> list[int]:

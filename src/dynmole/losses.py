@@ -110,7 +110,7 @@ def aux_losses(
         gates = record.route.gates
         if config.balance_coef > 0:
             add("balance", load_balance_loss(probs, gates, valid, config.balance_mode))
-        if config.entropy_coef:
+        if config.entropy_weight:
             add("entropy", entropy_loss(probs, valid, config.q))
         if record.route.lam is not None and config.sparsity_coef > 0:
             add("sparsity", sparsity_loss(record.logits, record.route.lam, valid, config.sparsity_k))
@@ -119,7 +119,7 @@ def aux_losses(
         add("active_experts", active_experts(gates.detach(), valid))
     coefficients = {
         "balance": config.balance_coef,
-        "entropy": config.entropy_coef,
+        "entropy": config.entropy_weight,
         "sparsity": config.sparsity_coef,
         "l1": l1_coefficient,
     }

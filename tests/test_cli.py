@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dynmole import cli
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "train", "eval", "generate"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert f"usage: dynmole {command}" in out
+    if command in ("demo", "run", "train"):
+        for option in ("--method", "--num-experts", "--threshold", "--keep-top-k", "--lr", "--resume"):
+            assert option in out
+
+
+def test_console_entry_point_and_module():
+    out = subprocess.run([sys.executable, "-m", "dynmole", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "bench" in out.stdout
+
+
+def test_bad_option_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--no-such-option", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--method", "moe"], "unknown method 'moe'; choose one of lora, dora"),
+        (["train", "--tasks", "arc_x"], "unknown task 'arc_x'"),
+        (["train", "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
+        (["train", "--keep-top-k", "9"], "keep_top_k must be in"),
+        (["train", "--precision", "fp8"], None),
+    ],
+)
+def test_bad_values(argv, message):
+    if message is None:  # precision is checked when training starts, not when parsing
+        cli.job_configs(argv)
+        return
+    with pytest.raises(SystemExit, match=message):
+        cli.job_configs(argv)
+
+
+def test_config_file_equals_command_line(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("method: mola\ntop_k: 2\nnum_experts: 2-4-6-8\ntasks: [arc_e, boolq]\nlr: 0.001\n")
+    from_file = cli.job_configs(["train", "--config", str(yaml_file)])
+    from_flags = cli.job_configs(
+        ["train", "--method", "mola", "--top-k", "2", "--num-experts", "2-4-6-8", "--tasks", "arc_e,boolq", "--lr", "0.001"]
+    )
+    assert from_file == from_flags
+    job, train, mole = from_file
+    assert mole.method == "mola" and mole.num_experts == "2-4-6-8" and job.tasks == ["arc_e", "boolq"]
+    # the command line overrides the file
+    _, train2, _ = cli.job_configs(["train", "--config", str(yaml_file), "--lr", "0.5"])
+    assert train2.lr == 0.5
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(SystemExit, match="unknown option"):
+        cli.job_configs(["train", "--config", str(json_file)])
+
+
+def test_peft_method_keeps_mole_defaults():
+    job, _, mole = cli.job_configs(["train", "--method", "lora", "--r", "80"])
+    assert job.method == "lora" and mole.r == 80
+
+
+def test_demo_defaults_are_bounded():
+    job, train, _ = cli.job_configs(["demo"])
+    assert train.max_steps > 0 and job.train_limit and job.eval_limit
