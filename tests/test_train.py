@@ -60,3 +60,13 @@ def test_training_lowers_loss_and_saves(tiny_llama, tiny_tokenizer, tmp_path, me
     if isinstance(model, MoLEModel):
         logged = [r for r in records if "loss" in r][0]
         assert "aux_balance" in logged and "experts_per_token" in logged
+
+
+def test_nan_stops_training_naming_step_and_module(tiny_llama, tiny_tokenizer, tmp_path):
+    model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8))
+    poisoned = next(model.mole_layers())
+    with torch.no_grad():
+        poisoned.lora_A[0, 0] = float("nan")
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, logging_steps=2, report_to="none")
+    with pytest.raises(FloatingPointError, match=rf"at step 2; first non-finite weights: .*{poisoned.name}.lora_A"):
+        train(model, tiny_tokenizer, _examples(8), config)

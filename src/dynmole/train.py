@@ -74,6 +74,18 @@ class JsonlLogger(TrainerCallback):
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def _non_finite_source(model: nn.Module) -> str:
+    """Name the first trainable parameter, or gradient, holding NaN/inf (checked only on failure)."""
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if not torch.isfinite(param).all():
+            return f"first non-finite weights: {name}"
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return f"first non-finite gradient: {name}"
+    return "the adapter weights are finite, so the base model's forward produced it"
+
+
 class MoLETrainer(Trainer):
     """``Trainer`` that logs the MoLE aux-loss parts and saves adapters only.
 
@@ -101,8 +113,11 @@ class MoLETrainer(Trainer):
                 key = "experts_per_token" if name == "active_experts" else f"aux_{name}"
                 logs[key] = round(float(total) / self._aux_steps, 6)
             self._aux_sums, self._aux_steps = {}, 0
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"training loss is {logs['loss']} at step {self.state.global_step}")
+        if "loss" in logs and not math.isfinite(logs["loss"]):
+            raise FloatingPointError(
+                f"training loss is {logs['loss']} at step {self.state.global_step}; "
+                f"{_non_finite_source(self.model)}. Try a lower --lr, --precision fp32 or bf16 instead of fp16"
+            )
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -180,6 +195,7 @@ def train(
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must reach the check in MoLETrainer.log
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=max(config.save_steps, 1),
         save_total_limit=config.save_total_limit,
@@ -204,7 +220,13 @@ def train(
     resume = _last_checkpoint(output_dir) if config.resume else None
     if config.resume and resume is None:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(
+            f"out of memory ({err}). Knobs to turn: --batch-size (with --grad-accum to keep the "
+            "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts or a lower --r"
+        ) from err
     trainer.save_model(str(output_dir / "adapter"))
     summary = {
         "train_loss": result.training_loss,
