@@ -60,6 +60,10 @@ class MoLEModel(nn.Module):
         self.stats = RoutingStats(q=config.q)
         self.stats_enabled = False
         self.last_aux_losses: dict[str, torch.Tensor] = {}
+        # When False, the aux total is left in ``pending_aux_loss`` for a trainer to add with its
+        # own scaling (the HF Trainer rescales the LM loss for token-averaging across devices).
+        self.aux_in_loss = True
+        self.pending_aux_loss: torch.Tensor | None = None
         self.lambda_mlps = nn.ModuleDict()
         self.register_buffer(
             "relu_l1_coef", torch.tensor(config.relu_l1_init) if config.method == "remole" else None
@@ -148,7 +152,9 @@ class MoLEModel(nn.Module):
                     self.relu_l1_coef, losses["active_experts"], self.mole_config.relu_target_k,
                     self.mole_config.relu_l1_rate,
                 )
-            if getattr(outputs, "loss", None) is not None:
+            if not self.aux_in_loss:
+                self.pending_aux_loss = losses["total"]
+            elif getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + losses["total"]
         return outputs
 

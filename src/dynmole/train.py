@@ -89,23 +89,36 @@ def _non_finite_source(model: nn.Module) -> str:
 class MoLETrainer(Trainer):
     """``Trainer`` that logs the MoLE aux-loss parts and saves adapters only.
 
-    The aux losses are already in the model's returned loss; their parts are summed on the
-    device each step and read (one sync) only when the Trainer logs.
+    The Trainer rescales the LM loss (by the number of processes when it averages tokens across
+    devices, and not by gradient-accumulation steps when the model normalises by the token
+    count itself), so the aux loss is added here, after that rescaling, with the scale that
+    keeps it a per-step mean: data-parallel ranks then average their per-rank aux losses.
+    The parts are summed on the device each step and read (one sync) only when the Trainer logs.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._aux_steps = 0
+        mole = _unwrap(self.model)
+        if isinstance(mole, MoLEModel):
+            mole.aux_in_loss = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mole = _unwrap(model)
-        if isinstance(mole, MoLEModel) and mole.last_aux_losses:
-            for name, value in mole.last_aux_losses.items():
-                self._aux_sums[name] = self._aux_sums.get(name, 0) + value
-            self._aux_steps += 1
-        return result
+        if not isinstance(mole, MoLEModel) or mole.pending_aux_loss is None:
+            return result
+        aux, mole.pending_aux_loss = mole.pending_aux_loss, None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            aux = aux / self.current_gradient_accumulation_steps  # the Trainer won't divide this loss
+        for name, value in mole.last_aux_losses.items():
+            self._aux_sums[name] = self._aux_sums.get(name, 0) + value
+        self._aux_steps += 1
+        if return_outputs:
+            loss, outputs = result
+            return loss + aux, outputs
+        return result + aux
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._aux_steps:
@@ -206,6 +219,8 @@ def train(
         report_to=[] if config.report_to == "none" else [config.report_to],
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # without an accelerator, torchrun/accelerate multi-process runs need use_cpu for DDP over gloo
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(config.precision),
     )
