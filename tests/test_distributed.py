@@ -55,4 +55,5 @@ def test_two_processes_match_one(tmp_path):
         # per rank (see docs), which moves the total by far less than this tolerance.
         assert abs(a["loss"] - b["loss"]) < 2e-3 * abs(a["loss"]), (a, b)
         assert abs(a["aux_entropy"] - b["aux_entropy"]) < 1e-4
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
     assert single[-1]["loss"] < single[0]["loss"]
