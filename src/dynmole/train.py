@@ -141,7 +141,6 @@ class MoLETrainer(Trainer):
         mole.save_pretrained(target)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(target)
-        torch.save(self.args, target / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         mole = _unwrap(model or self.model)
