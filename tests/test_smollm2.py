@@ -12,7 +12,7 @@ from dynmole.train import TrainConfig, adapt_model, train
 pytestmark = pytest.mark.slow
 
 
-def test_short_dynmole_training_lowers_loss_and_round_trips(tmp_path):
+def test_short_dynmole_training_lowers_loss_and_round_trips(tmp_path, capsys):
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     examples = load_mixture(["boolq"], "train", limit_per_task=8, seed=0)
@@ -34,3 +34,11 @@ def test_short_dynmole_training_lowers_loss_and_round_trips(tmp_path):
     restored = load_mole_model(load_model_and_tokenizer("smollm2-135m")[0], tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(restored(**ids).logits, expected)
+
+    # the documented inference path: base + adapter from the command line
+    from dynmole import cli
+
+    capsys.readouterr()
+    cli.main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "Question: is fire hot?\nAnswer:",
+              "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.strip()
