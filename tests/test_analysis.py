@@ -1,0 +1,102 @@
+import json
+
+import matplotlib.image
+import pytest
+
+from dynmole.analysis import (
+    RunRecord,
+    by_layer,
+    comparison_table,
+    group_by_variant,
+    layer_index,
+    load_by_layer,
+    mean_experts,
+    mean_std,
+    mean_std_cell,
+    plot_ablation,
+    plot_by_layer,
+    plot_curves,
+    plot_load_heatmaps,
+    routing_plots,
+)
+
+
+def _assert_png(path):
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def _routing(experts=(2.0, 3.0), soft=0.0):
+    return {
+        f"model.layers.{layer}.mlp.{proj}": {
+            "tokens": 10, "mean_experts": n, "entropy": 0.5, "soft_fraction": soft,
+            "load": [0.5, 0.25, 0.25] if proj == "up_proj" else [0.25, 0.25, 0.5], "experts_histogram": [0, 0, 10, 0],
+        }
+        for layer, n in enumerate(experts)
+        for proj in ("gate_proj", "up_proj")
+    }
+
+
+def _record(tmp_path, variant, seed, acc, routing=None, log=None, adapter=None):
+    directory = tmp_path / variant / f"seed{seed}"
+    directory.mkdir(parents=True)
+    result = {
+        "variant": variant, "seed": seed, "trainable_params": 1_234_567, "routing": routing or {},
+        "adapter": adapter or {},
+        "eval": {"tasks": {"piqa": {"acc": acc, "acc_norm": acc, "n": 4}, "arc_e": {"acc": acc, "acc_norm": acc, "n": 4},
+                           "toy": {"acc": acc, "acc_norm": acc, "n": 4}},
+                 "average": {"acc": acc, "acc_norm": acc}},
+    }
+    (directory / "result.json").write_text(json.dumps(result))
+    if log:
+        (directory / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return RunRecord.read(directory)
+
+
+def test_plot_functions_write_pngs(tmp_path):
+    curves = {"LoRA": [[(1, 4.0), (2, 3.5), (3, 3.0)], [(1, 4.2), (2, 3.6), (3, 3.1)]], "DynMoLE": [[(1, 4.1), (2, 3.0)]]}
+    _assert_png(plot_curves(curves, tmp_path / "loss.png", "loss", "Training loss"))
+    panels = {"gate_proj": {"MoLA": [{0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0}], "DynMoLE": [{0: 3.1, 1: 2.4}, {0: 2.9, 1: 2.6}]},
+              "up_proj": {"MoLA": [{0: 2.0, 1: 2.0}], "DynMoLE": [{0: 3.0, 1: 2.5}]}}
+    _assert_png(plot_by_layer(panels, tmp_path / "layers.png", "experts per token", "Experts by layer"))
+    loads = {"MoLA (2-4-6-8)": {0: [0.5, 0.5], 1: [0.1, 0.2, 0.3, 0.4]}, "DynMoLE": {0: [0.25] * 4, 1: [0.25] * 4}}
+    _assert_png(plot_load_heatmaps(loads, tmp_path / "load.png"))
+    _assert_png(plot_ablation({1e-4: [40.0, 42.0], 1e-3: [43.0, 44.0], 1e-2: [45.0]}, tmp_path / "ablation.png",
+                              "beta", "average acc (%)", "Ablation", log_x=True))
+
+
+def test_routing_by_layer_and_summaries():
+    routing = _routing()
+    assert layer_index("model.layers.3.mlp.up_proj") == 3 and layer_index("lm_head") is None
+    assert layer_index("base_model.model.model.layers.12.self_attn.q_proj") == 12
+    assert by_layer(routing, "mean_experts") == {"gate_proj": {0: 2.0, 1: 3.0}, "up_proj": {0: 2.0, 1: 3.0}}
+    assert load_by_layer(routing)[0] == pytest.approx([0.375, 0.25, 0.375])
+    assert mean_experts(routing) == pytest.approx(2.5) and mean_experts({}) is None
+    assert mean_std([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5)) and mean_std([5.0]) == (5.0, 0.0)
+    assert mean_std_cell([0.5, 0.7], 100) == "60.0 ± 14.1" and mean_std_cell([0.5], 100) == "50.0"
+    assert mean_std_cell([]) == "-"
+
+
+def test_comparison_table_and_logs(tmp_path):
+    log = [{"step": 1, "loss": 4.0, "aux_entropy": 0.009}, {"step": 2, "loss": 3.0, "aux_entropy": 0.008},
+           {"step": 2, "train_loss": 3.5}]
+    records = [
+        _record(tmp_path, "LoRA", 0, 0.5), _record(tmp_path, "LoRA", 1, 0.7),
+        _record(tmp_path, "DynMoLE", 0, 0.6, _routing(), log, {"method": "dynmole"}),
+    ]
+    groups = group_by_variant(records)
+    table = comparison_table(groups, "acc").splitlines()
+    assert table[0] == "| method | arc_e | piqa | toy | average | trainable params | experts / token | seeds |"
+    assert table[2] == "| LoRA | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 60.0 ± 14.1 | 1.2M | - | 2 |"
+    assert table[3] == "| DynMoLE | 60.0 | 60.0 | 60.0 | 60.0 | 1.2M | 2.50 | 1 |"
+    dynmole = groups["DynMoLE"][0]
+    assert dynmole.log("loss") == [(1, 4.0), (2, 3.0)]
+    steps, entropy = zip(*dynmole.entropy_curve())
+    assert steps == (1, 2) and entropy == pytest.approx((0.9, 0.8))  # divided by dynmole's default 1e-2
+    assert groups["LoRA"][0].entropy_curve() == [] and groups["LoRA"][0].log("loss") == []
+    written = routing_plots(groups, tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == ["entropy_by_layer.png", "entropy_training.png", "expert_load.png", "experts_by_layer.png",
+                     "training_loss.png"]  # no variant routed soft: no soft-share figure
+    for path in written:
+        _assert_png(path)

@@ -1,0 +1,143 @@
+import json
+import re
+
+import pytest
+import torch
+
+from dynmole import reproduce
+from dynmole.data import Example
+from dynmole.reproduce_profiles import PROFILES, VARIANTS
+
+FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot"),
+         ("water is", " wet", " dry")]
+
+
+def _examples(task, n):
+    out = []
+    for i in range(n):
+        prompt, right, wrong = FACTS[i % len(FACTS)]
+        label = i % 2
+        choices = (right, wrong) if label == 0 else (wrong, right)
+        out.append(Example(f"{task}/{i}", task, f"question : {prompt} ? answer :", choices, label))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads can
+    make each step ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def toy_inputs(tiny_llama, tiny_tokenizer):
+    train = _examples("arc_e", 8) + _examples("boolq", 8)
+    return reproduce.Inputs(
+        load_model=lambda: (tiny_llama(seed=0), tiny_tokenizer),
+        train_examples=lambda seed: train[seed % 2:] + train[: seed % 2],
+        eval_examples={"arc_e": _examples("arc_e", 6), "boolq": _examples("boolq", 6)},
+        description="tiny random Llama, toy examples",
+    )
+
+
+def _table(markdown, heading):
+    """Rows of the markdown table under ``heading`` as {first cell: cells}, plus the header."""
+    block = markdown.split(heading, 1)[1].split("\n\n", 2)[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines() if line.startswith("|")]
+    return rows[0], {row[0]: row[1:] for row in rows[2:]}
+
+
+def test_grid_writes_runs_table_plots_and_resumes(tmp_path, toy_inputs, capsys):
+    argv = ["--profile", "tiny", "--methods", "lora,dynmole,mola-2468", "--seeds", "0,1", "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+
+    results = sorted(tmp_path.glob("runs/*/seed*/result.json"))
+    assert [p.relative_to(tmp_path / "runs").as_posix() for p in results] == [
+        f"{key}/seed{seed}/result.json" for key in ("dynmole", "lora", "mola-2468") for seed in (0, 1)]
+    assert (tmp_path / "runs/base/result.json").is_file()
+    dynmole = json.loads((tmp_path / "runs/dynmole/seed1/result.json").read_text())
+    assert dynmole["seed"] == 1 and dynmole["adapter"]["method"] == "dynmole"
+    assert set(dynmole["eval"]["tasks"]) == {"arc_e", "boolq"} and dynmole["routing"]
+    assert not (tmp_path / "runs/dynmole/seed1/adapter").exists()  # deleted unless --keep-adapters
+    assert (tmp_path / "runs/dynmole/seed1/log.jsonl").is_file()
+
+    markdown = (tmp_path / "results.md").read_text()
+    for metric in ("acc_norm", "acc"):
+        header, rows = _table(markdown, f"## {metric} (%)")
+        assert header == ["method", "arc_e", "boolq", "average", "trainable params", "experts / token", "seeds"]
+        assert list(rows) == ["Base (zero-shot)", "LoRA", "DynMoLE", "MoLA (2-4-6-8)"]
+        for name, cells in rows.items():
+            seeded = name != "Base (zero-shot)"
+            for cell in cells[:3]:
+                assert re.fullmatch(r"\d+\.\d ± \d+\.\d" if seeded else r"\d+\.\d", cell), (name, cell)
+            assert re.fullmatch(r"[\d.]+[KM]?", cells[3])
+            assert cells[-1] == ("2" if seeded else "1")
+        assert rows["LoRA"][4] == "-" and re.fullmatch(r"\d\.\d\d ± \d\.\d\d", rows["DynMoLE"][4])
+    for name in ("training_loss", "experts_by_layer", "soft_fraction_by_layer", "entropy_by_layer", "expert_load",
+                 "entropy_training"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+    # Resume: finished runs are skipped, a run without result.json runs again.
+    finished = {p: p.stat().st_mtime_ns for p in results}
+    (tmp_path / "runs/lora/seed1/result.json").unlink()
+    capsys.readouterr()
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 6 and "LoRA, seed 1: running" in out
+    assert "WARNING" not in out
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime_ns == mtime or path.parent.name == "seed1" and "lora" in str(path)
+
+    # A finished run planned with other settings is kept, with a warning naming them.
+    capsys.readouterr()
+    assert reproduce.main([*argv, "--methods", "dynmole", "--set", "lr=0.5"], inputs=toy_inputs) == 0
+    assert "it ran with other train.lr" in capsys.readouterr().out
+
+
+def test_ablation_sweep_writes_line_plot(tmp_path, toy_inputs):
+    argv = ["--profile", "tiny", "--ablation", "keep_top_k", "--values", "1,2", "--seeds", "0,1",
+            "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    assert len(list(tmp_path.glob("runs/ablation-keep_top_k/keep_top_k=*/seed*/result.json"))) == 4
+    assert not (tmp_path / "runs/base").exists()
+    _, rows = _table((tmp_path / "ablation-keep_top_k.md").read_text(), "## acc_norm (%)")
+    assert list(rows) == ["DynMoLE (keep_top_k=1)", "DynMoLE (keep_top_k=2)"]
+    assert (tmp_path / "plots/ablation-keep_top_k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dry_run_prints_plan_without_running(tmp_path, toy_inputs, capsys):
+    argv = ["--profile", "tiny", "--methods", "lora,dynmole", "--dry-run", "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    out = capsys.readouterr().out
+    assert "DynMoLE, seed 1" in out and "5 of 5 runs to do" in out
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_settings_precedence_and_errors(tmp_path):
+    overrides = reproduce.parse_assignments(["r=3", "peft.r=9", "entropy_coef=0.5", "target_modules=up_proj,down_proj"])
+    assert overrides == {"r": 3, "peft.r": 9, "entropy_coef": 0.5, "target_modules": ["up_proj", "down_proj"]}
+    variants = [VARIANTS[k] for k in ("lora", "dynmole-noent", "dynmole")]
+    specs = reproduce.plan(PROFILES["tiny"], variants, [0], overrides, tmp_path, eval_base=False)
+    lora, noent, dynmole = (s.mole for s in specs)
+    assert (lora.r, noent.r, dynmole.r) == (9, 3, 3)  # peft.* only reaches LoRA/DoRA
+    assert noent.entropy_coef == 0.0 and dynmole.entropy_coef == 0.5  # the variant's own fields win
+    assert specs[0].train.output_dir == str(tmp_path / "runs/lora/seed0")
+    with pytest.raises(ValueError, match="no_such_field"):
+        reproduce.parse_assignments(["no_such_field=1"])
+    with pytest.raises(ValueError, match="--seeds"):
+        reproduce.parse_assignments(["seed=3"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "tiny", "--methods", "nope", "--dry-run"])
+
+
+@pytest.mark.slow
+def test_mini_dry_run_fits_two_hours(tmp_path, capsys):
+    assert reproduce.main(["--profile", "mini", "--dry-run", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    runs = 1 + len(VARIANTS) * len(PROFILES["mini"].seeds)
+    estimate = re.search(rf"{runs} of {runs} runs to do: about ([\d.]+) h", out)
+    assert estimate and float(estimate.group(1)) <= 2.0, out
