@@ -193,7 +193,16 @@ def _cmd_generate(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
 def _cmd_bench(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     from . import bench
 
-    sys.exit(bench.main(args.bench_args))
+    sys.exit(bench.main(args.passthrough))
+
+
+def _cmd_reproduce(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    from . import reproduce
+
+    sys.exit(reproduce.main(args.passthrough))
+
+
+_PASSTHROUGH = {"bench": _cmd_bench, "reproduce": _cmd_reproduce}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
     p.set_defaults(handler=_cmd_generate, defaults={})
-    p = sub.add_parser("bench", help="Performance benchmark (see docs/performance.md); options after 'bench' go to it.",
-                       add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(handler=_cmd_bench, defaults={})
+    for name, help_text in (
+        ("bench", "Performance benchmark (docs/performance.md); options after 'bench' go to it."),
+        ("reproduce", "The papers' comparison, ablations and routing plots (docs/reproduce.md)."),
+    ):
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
@@ -247,7 +257,11 @@ def job_configs(argv: Sequence[str]) -> list[Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in _PASSTHROUGH:  # these commands parse their own options
+        _PASSTHROUGH[argv[0]](argparse.Namespace(passthrough=argv[1:]), {})
+        return
     args = parser.parse_args(argv)
     defaults = args.defaults
     del args.defaults
