@@ -1,0 +1,229 @@
+"""Zero-shot multiple-choice accuracy by log-likelihood, as the LM evaluation harness does it.
+
+Every (example, choice) pair is scored by the summed log-probability of the choice's tokens
+given the prompt; the predicted choice is the best-scoring one (``acc``) or the best per
+character (``acc_norm``). Works with any callable causal LM returning ``.logits``: a HF model
+or a :class:`dynmole.MoLEModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .data import Example, multiple_choice_prompt
+from .io import write_json
+
+SCORINGS = ("choices", "label")
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One (example, choice) pair, tokenised."""
+
+    example: int
+    choice: int
+    context: list[int]
+    continuation: list[int]
+    num_chars: int
+
+
+def _prompt_and_continuations(example: Example, scoring: str) -> tuple[str, list[str]]:
+    """The text to condition on and the continuations to score, for ``scoring``."""
+    if scoring == "choices":
+        return example.prompt, list(example.choices)
+    if scoring == "label":
+        return multiple_choice_prompt(example)
+    raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+
+
+def _context_prefix(tokenizer: Any) -> list[int]:
+    """The token an empty prompt is replaced by, so that the first answer token is predicted."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("an example has an empty prompt and the tokenizer has no BOS or EOS token")
+    return [token]
+
+
+def _requests(tokenizer: Any, examples: list[Example], scoring: str) -> list[_Request]:
+    requests = []
+    for index, example in enumerate(examples):
+        prompt, continuations = _prompt_and_continuations(example, scoring)
+        # The prompt gets the tokenizer's usual special tokens (e.g. Gemma's <bos>); the answer
+        # none, or a <bos> would sit between prompt and answer.
+        context = tokenizer(prompt)["input_ids"] or _context_prefix(tokenizer)
+        for choice, text in enumerate(continuations):
+            continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not continuation:
+                raise ValueError(f"example {example.id}: choice {choice} ({text!r}) has no tokens")
+            requests.append(_Request(index, choice, context, continuation, len(text)))
+    return requests
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int) -> torch.Tensor:
+    """Logits of ``sequences``, right-padded into one batch."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[row, : len(sequence)] = 1
+    device = _model_device(model)
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+
+
+def _loglik(logits: torch.Tensor, request: _Request) -> float:
+    """Summed log-probability of ``request``'s continuation, from the logits of its input."""
+    start = len(request.context) - 1  # the logits at position t predict token t + 1
+    answer = logits[start : start + len(request.continuation)].float().log_softmax(-1)
+    target = torch.tensor(request.continuation, device=answer.device)
+    return answer.gather(-1, target[:, None]).sum().item()
+
+
+def score_choices(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: list[Example],
+    batch_size: int = 16,
+    progress: bool = True,
+    scoring: str = "choices",
+) -> list[dict[str, Any]]:
+    """Log-likelihood of every (example, choice) pair.
+
+    Args:
+        model: a causal LM called as ``model(input_ids=..., attention_mask=...)`` returning
+            ``.logits``; it is put in eval mode for the call and then restored.
+        tokenizer: its tokenizer; the prompt is tokenised with its default special tokens, the
+            continuation with none.
+        examples: the examples to score.
+        batch_size: sequences per forward (sorted by length, right-padded).
+        progress: show a progress bar.
+        scoring: ``"choices"`` scores each answer text after ``example.prompt``; ``"label"``
+            shows the options lettered A, B, ... (``dynmole.data.multiple_choice_prompt``) and
+            scores the letters, as the DynMoLE reference code does.
+
+    Returns:
+        One dict per pair, in example then choice order: ``id``, ``task``, ``choice`` (index),
+        ``loglik`` (summed log-prob), ``num_tokens`` and ``num_chars`` of the continuation.
+    """
+    requests = _requests(tokenizer, examples, scoring)
+    # Pairs with the same input (one-token answers to one prompt, as in label scoring) share a
+    # forward row. Longest first: similar lengths share a batch, and a too-long input fails at once.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(tuple(request.context + request.continuation)[:-1], []).append(index)
+    sequences = sorted(groups, key=len, reverse=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logliks: list[float] = [0.0] * len(requests)
+    batches = tqdm(
+        range(0, len(sequences), batch_size),
+        desc=f"scoring {examples[0].task}" if examples else "scoring",
+        unit="batch",
+        disable=not progress,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in batches:
+                batch = sequences[start : start + batch_size]
+                logits = _forward(model, batch, pad_id)
+                for row, sequence in enumerate(batch):
+                    for index in groups[sequence]:
+                        logliks[index] = _loglik(logits[row], requests[index])
+    finally:
+        model.train(was_training)
+    return [
+        {
+            "id": examples[r.example].id,
+            "task": examples[r.example].task,
+            "choice": r.choice,
+            "loglik": loglik,
+            "num_tokens": len(r.continuation),
+            "num_chars": r.num_chars,
+        }
+        for r, loglik in zip(requests, logliks)
+    ]
+
+
+def accuracy(examples: list[Example], scores: list[dict[str, Any]]) -> dict[str, float | int]:
+    """``acc``, ``acc_norm`` and ``n`` of ``scores`` (from :func:`score_choices` on ``examples``).
+
+    ``acc`` picks the choice with the highest summed log-likelihood; ``acc_norm`` the highest
+    log-likelihood per *character* of the continuation (its leading space included). The LM
+    evaluation harness's ``acc_norm`` also divides by character length (``len`` of the choice
+    string, without the space it prepends), so the two agree up to that one character; its
+    byte-length variant is ``acc_bytes``. Ties go to the lowest index.
+    """
+    by_example: dict[str, list[dict[str, Any]]] = {}
+    for score in scores:
+        by_example.setdefault(score["id"], []).append(score)
+    correct = correct_norm = 0
+    for example in examples:
+        pairs = by_example[example.id]
+        best = max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"], -i))
+        best_norm = max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"] / pairs[i]["num_chars"], -i))
+        correct += best == example.label
+        correct_norm += best_norm == example.label
+    n = len(examples)
+    return {"acc": correct / n if n else 0.0, "acc_norm": correct_norm / n if n else 0.0, "n": n}
+
+
+def evaluate_tasks(
+    model: nn.Module,
+    tokenizer: Any,
+    examples_by_task: Mapping[str, list[Example]],
+    batch_size: int = 16,
+    scoring: str = "choices",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Accuracy on each task and their unweighted mean.
+
+    Returns ``{"tasks": {task: {"acc", "acc_norm", "n"}}, "average": {"acc", "acc_norm"},
+    "scoring": scoring}``; the average is the plain mean over tasks (each task counts once).
+    """
+    tasks = {}
+    for task, examples in examples_by_task.items():
+        scores = score_choices(model, tokenizer, examples, batch_size, progress, scoring)
+        tasks[task] = accuracy(examples, scores)
+    average = {
+        metric: sum(t[metric] for t in tasks.values()) / len(tasks) if tasks else 0.0
+        for metric in ("acc", "acc_norm")
+    }
+    return {"tasks": tasks, "average": average, "scoring": scoring}
+
+
+def results_markdown(runs: Mapping[str, dict[str, Any]], metric: str = "acc_norm") -> str:
+    """A markdown table of ``metric`` in percent: one row per run (name -> :func:`evaluate_tasks`
+    result), one column per task, then the average; a task a run lacks shows as ``-``."""
+    tasks: list[str] = []
+    for result in runs.values():
+        tasks += [task for task in result["tasks"] if task not in tasks]
+    lines = [
+        "| run | " + " | ".join(tasks) + " | average |",
+        "|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    for name, result in runs.items():
+        cells = [
+            f"{100 * result['tasks'][task][metric]:.1f}" if task in result["tasks"] else "-" for task in tasks
+        ]
+        cells.append(f"{100 * result['average'][metric]:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str | Path, results: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """Write ``{"results": ..., "metadata": ...}`` as JSON, atomically; the metadata should say
+    which model, adapter, data split and prompt format produced the numbers."""
+    write_json(path, {"results": results, "metadata": {"dynmole_version": __version__, **metadata}})

@@ -1,0 +1,174 @@
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dynmole import MoLEConfig, get_mole_model
+from dynmole.data.example import Example
+from dynmole.evaluate import accuracy, evaluate_tasks, results_markdown, score_choices, write_results
+
+CORPUS = [
+    "Question : which animal barks ? Answer : dog cat fish bird",
+    "Question : what is hot ? Answer : fire ice snow water",
+    "the sky is blue and the grass is green red yellow",
+    "A B C D . yes no maybe",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer that, like Gemma's, puts a BOS token before every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    backend.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return [
+        Example("t/0", "t", "Question : which animal barks ? Answer :", (" dog", " cat", " fish", " bird"), 0),
+        Example("t/1", "t", "Question : what is hot ? Answer :", (" ice", " fire"), 1),
+        Example("t/2", "t", "the sky is", (" blue", " green and yellow", " red"), 0),
+        Example("t/3", "t", "the grass is", (" red", " green"), 1),
+        Example("t/4", "t", "Question : what is blue ? Answer : the", (" snow is", " sky", " fish"), 1),
+        Example("t/5", "t", "yes", (" no", " maybe", " yes no maybe"), 2),
+    ]
+
+
+def test_batched_scores_equal_unbatched(model, tokenizer, examples):
+    one = score_choices(model, tokenizer, examples, batch_size=1, progress=False)
+    eight = score_choices(model, tokenizer, examples, batch_size=8, progress=False)
+    assert len(one) == sum(len(e.choices) for e in examples)
+    assert [(s["id"], s["choice"]) for s in one] == [(e.id, i) for e in examples for i in range(len(e.choices))]
+    for a, b in zip(one, eight):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
+        assert (a["num_tokens"], a["num_chars"]) == (b["num_tokens"], b["num_chars"])
+
+
+def test_loglik_matches_hand_computation(model, tokenizer, examples):
+    example = examples[2]
+    scores = score_choices(model, tokenizer, examples, batch_size=4, progress=False)
+    score = next(s for s in scores if s["id"] == example.id and s["choice"] == 1)
+    context = tokenizer(example.prompt)["input_ids"]
+    continuation = tokenizer(" green and yellow", add_special_tokens=False)["input_ids"]
+    assert context[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in continuation
+    with torch.no_grad():
+        logprobs = model(torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+    expected = sum(logprobs[len(context) - 1 + j, token].item() for j, token in enumerate(continuation))
+    assert score["loglik"] == pytest.approx(expected, abs=1e-4)
+    assert (score["num_tokens"], score["num_chars"]) == (3, len(" green and yellow"))
+
+
+def test_accuracy_is_deterministic(model, tokenizer, examples):
+    first = evaluate_tasks(model, tokenizer, {"t": examples}, batch_size=3, progress=False)
+    second = evaluate_tasks(model, tokenizer, {"t": examples}, batch_size=5, progress=False)
+    assert first == second
+    assert first["tasks"]["t"]["n"] == len(examples)
+
+
+class RiggedModel(nn.Module):
+    """Predicts ``token`` with near certainty at every position, whatever the input."""
+
+    def __init__(self, vocab_size: int, token: int) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the model a device
+        self.vocab_size, self.token = vocab_size, token
+        self.rows = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.rows += input_ids.shape[0]
+        logits = torch.zeros(*input_ids.shape, self.vocab_size)
+        logits[..., self.token] = 20.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_rigged_model_gets_full_accuracy(tokenizer):
+    yes = tokenizer.convert_tokens_to_ids("yes")
+    rigged = [
+        Example(f"r/{i}", "r", prompt, choices, choices.index(" yes"))
+        for i, (prompt, choices) in enumerate(
+            [("the sky is", (" yes", " no")), ("Question :", (" no", " maybe", " yes")), ("fire", (" dog", " yes"))]
+        )
+    ]
+    results = evaluate_tasks(RiggedModel(len(tokenizer), yes), tokenizer, {"r": rigged}, progress=False)
+    assert results["tasks"]["r"] == {"acc": 1.0, "acc_norm": 1.0, "n": 3}
+
+
+def test_label_scoring_scores_the_letters(tokenizer, examples):
+    rigged = RiggedModel(len(tokenizer), tokenizer.convert_tokens_to_ids("B"))
+    scores = score_choices(rigged, tokenizer, examples, batch_size=4, progress=False, scoring="label")
+    assert all(s["num_tokens"] == 1 and s["num_chars"] == 2 for s in scores)
+    assert rigged.rows == len(examples)  # one-letter answers to one prompt share a forward row
+    expected = sum(e.label == 1 for e in examples) / len(examples)
+    assert accuracy(examples, scores)["acc"] == pytest.approx(expected)
+
+
+def test_unknown_scoring_is_rejected(model, tokenizer, examples):
+    with pytest.raises(ValueError, match="unknown scoring"):
+        score_choices(model, tokenizer, examples, progress=False, scoring="letters")
+
+
+def test_mole_model_scores_like_its_base_and_keeps_its_mode(model, tokenizer, examples):
+    base = score_choices(model, tokenizer, examples, progress=False)
+    mole = get_mole_model(model, MoLEConfig(method="dynmole", num_experts=2, r=2, alpha=4.0))
+    try:
+        mole.train()
+        scores = score_choices(mole, tokenizer, examples, progress=False)
+        assert mole.training
+    finally:
+        model.eval()
+    # The experts' B matrices start at zero: the adapted model scores like the base one.
+    for a, b in zip(base, scores):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-4)
+
+
+def test_markdown_table_and_json(tmp_path):
+    run = {"tasks": {"arc_e": {"acc": 0.5, "acc_norm": 0.25, "n": 4}}, "average": {"acc": 0.5, "acc_norm": 0.25}}
+    other = {
+        "tasks": {"arc_e": {"acc": 1.0, "acc_norm": 1.0, "n": 4}, "piqa": {"acc": 0.5, "acc_norm": 0.5, "n": 2}},
+        "average": {"acc": 0.75, "acc_norm": 0.75},
+    }
+    table = results_markdown({"base": run, "dynmole": other})
+    assert table.splitlines() == [
+        "| run | arc_e | piqa | average |",
+        "|---|---:|---:|---:|",
+        "| base | 25.0 | - | 25.0 |",
+        "| dynmole | 100.0 | 50.0 | 75.0 |",
+    ]
+    write_results(tmp_path / "out" / "results.json", run, {"model": "tiny"})
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["results"] == run and saved["metadata"]["model"] == "tiny"
+
+
+@pytest.mark.slow
+def test_smollm2_accuracy_is_reproducible():
+    from dynmole.data import load_examples
+    from dynmole.pretrained import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    examples = load_examples("arc_e", split="eval", limit=20)
+    first = evaluate_tasks(model, tokenizer, {"arc_e": examples}, batch_size=16, progress=False)
+    second = evaluate_tasks(model, tokenizer, {"arc_e": examples}, batch_size=7, progress=False)
+    assert first["tasks"]["arc_e"] == second["tasks"]["arc_e"]
+    assert first["tasks"]["arc_e"]["n"] == 20
