@@ -1,0 +1,117 @@
+"""The benchmark's tiny preset runs and writes well-formed output (no timing asserts), and the
+MoLE layer compiles as one graph with ``fullgraph=True``."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dynmole import bench
+from dynmole.bench_peers import GatherTopKMoLE, PerExpertLoopMoLE
+from dynmole.config import MoLEConfig
+from dynmole.gating import build_gate_fn
+from dynmole.layers import MoLELinear
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    assert bench.main(["--tiny", "--json", str(path)]) == 0
+    assert torch.get_num_threads() == threads  # main restores the thread count
+    return json.loads(path.read_text())
+
+
+def _positive_finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_tiny_rows_well_formed(tiny_report):
+    rows = tiny_report["rows"]
+    assert tiny_report["problems"] == []
+    variants = {(row["section"], row["variant"]) for row in rows}
+    expected_layer = {"base_linear", "peft_lora", "peer_loop_dynmole", "peer_gather_mola_top2"}
+    expected_layer |= {f"mole_{m}" for m in ("loramoe", "mola", "topp", "dynmole", "ldmole", "remole")}
+    assert {("layer", v) for v in expected_layer} <= variants
+    assert {("model", v) for v in ("peft_lora", "mole_dynmole", "mole_dynmole+stats", "base_model")} <= variants
+    assert {("memory", v) for v in ("peft_lora", "mole_dynmole")} <= variants
+    modes = {row["extra"].get("mode") for row in rows if row["section"] == "layer"}
+    assert modes == {"fwd+bwd", "fwd"}
+    for row in rows:
+        assert _positive_finite(row["ratio"]), row
+        if row["section"] in ("layer", "model"):
+            assert _positive_finite(row["ms"]), row
+            assert row["ratio_q1"] <= row["ratio"] <= row["ratio_q3"]
+        else:
+            assert _positive_finite(row["extra"]["value"]), row
+        if row["variant"] == "peft_lora" and row["section"] != "memory":
+            assert row["ratio"] == pytest.approx(1.0)
+    scenarios = {row["scenario"] for row in rows if row["section"] == "memory"}
+    assert any("saved for backward" in s for s in scenarios)
+    assert any("peak" in s for s in scenarios)  # the worker processes answered
+    stats = [row for row in rows if row["variant"] == "mole_dynmole+stats"]
+    assert stats and all(_positive_finite(row["extra"]["overhead_vs_stats_off"]) for row in stats)
+
+
+def test_tiny_report_metadata(tiny_report):
+    assert tiny_report["preset"] == "tiny"
+    assert tiny_report["machine"]["torch"] == torch.__version__
+    check = tiny_report["compile_check"]["dynmole"]
+    assert check == {"graphs": 1, "graph_breaks": 0, "break_reasons": []}
+    assert tiny_report["model"]["lora_rank"] == tiny_report["model"]["num_experts"] * tiny_report["model"]["r"]
+
+
+def test_table_format():
+    row = bench.Row("layer", "d=8 T=2 N=2 r=1 fp32 fwd", "peft_lora", "peft", ms=1.5, ratio=1.0, ratio_q1=1.0,
+                    ratio_q3=1.0)
+    table = bench.format_table([row])
+    assert "peft_lora" in table and "1.000" in table
+
+
+def test_bad_arguments(capsys):
+    assert bench.main(["--tiny", "--methods", "nope"]) == 2
+    assert bench.main(["--tiny", "--points", "12x3"]) == 2
+    assert bench.parse_points("64x8x2x4") == [bench.LayerPoint(64, 8, 2, 4)]
+
+
+def test_flops_floor():
+    floor = bench.flops_floor(bench.LayerPoint(4096, 512, 6, 16), "fwd")
+    assert floor["mole_extra_flops"] == 2 * 512 * (4096 * 96 * 2) + 2 * 512 * 4096 * 6
+    assert 1.0 < floor["floor_mole_over_lora"] < floor["floor_mole_over_base"] < 1.1
+
+
+@pytest.mark.parametrize("peer", [PerExpertLoopMoLE, GatherTopKMoLE])
+def test_peers_compute_the_same_function(peer):
+    torch.manual_seed(0)
+    method = "dynmole" if peer is PerExpertLoopMoLE else "mola"
+    layer = bench.build_mole_layer(nn.Linear(16, 12), method, 4, 3, 0.0)
+    config = bench.mole_config(method, 4, 3, 0.0)
+    other = peer(layer.base_layer, 4, 3, config.alpha, 0.0, build_gate_fn(config, 4)).load_from(layer)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(other(x), layer(x))
+
+
+def test_mole_layer_compiles_fullgraph_dynmole():
+    """torch.compile(fullgraph=True) raises on any graph break, so a pass proves the dynmole layer
+    (softmax, sort, cumsum, entropy, masks) has no host sync, in training and inference."""
+    torch.manual_seed(0)
+    n, r = 4, 2
+    config = MoLEConfig(method="dynmole", num_experts=n, r=r, alpha=4, dropout=0.0)
+    layer = MoLELinear(nn.Linear(16, 8), n, r, 4, 0.0, build_gate_fn(config, n))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    grad_compiled = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    x_eager = x.detach().clone().requires_grad_(True)
+    expected = layer(x_eager)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad_compiled, layer.lora_A.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x))
