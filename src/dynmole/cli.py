@@ -22,8 +22,8 @@ from .config import MoLEConfig
 DEMO_DEFAULTS = {
     "tasks": ["arc_e", "piqa", "siqa", "winogrande"],  # short prompts: BoolQ's passages cost 4x more
     "train_limit": 120,
-    "eval_limit": 50,
-    "max_steps": 40,
+    "eval_limit": 100,
+    "max_steps": 60,
     "batch_size": 8,
     "lr": 1e-3,
     "r": 8,
