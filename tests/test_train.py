@@ -70,3 +70,16 @@ def test_nan_stops_training_naming_step_and_module(tiny_llama, tiny_tokenizer, t
     config = TrainConfig(output_dir=str(tmp_path), max_steps=4, batch_size=4, logging_steps=2, report_to="none")
     with pytest.raises(FloatingPointError, match=rf"at step 2; first non-finite weights: .*{poisoned.name}.lora_A"):
         train(model, tiny_tokenizer, _examples(8), config)
+
+
+def test_out_of_memory_suggests_knobs(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", fail)
+    model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4))
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to="none")
+    with pytest.raises(RuntimeError, match="--batch-size .*--grad-accum.*--gradient-checkpointing"):
+        train(model, tiny_tokenizer, _examples(4), config)
