@@ -86,7 +86,7 @@ class MoLEModel(nn.Module):
             )
         return found
 
-    def _lambda_mlp(self, name: str, in_features: int) -> LambdaMLP:
+    def _lambda_mlp(self, in_features: int) -> LambdaMLP:
         config = self.mole_config
         device = self.base_model.get_input_embeddings().weight.device if hasattr(
             self.base_model, "get_input_embeddings"
@@ -104,7 +104,7 @@ class MoLEModel(nn.Module):
         num_layers = _num_layers(self.base_model, [n for n, _ in targets])
         for name, linear in targets:
             num_experts = config.experts_for_layer(_layer_index(name), num_layers)
-            lambda_mlp = self._lambda_mlp(name, linear.in_features) if config.method == "ldmole" else None
+            lambda_mlp = self._lambda_mlp(linear.in_features) if config.method == "ldmole" else None
             layer = MoLELinear(
                 linear,
                 num_experts=num_experts,
