@@ -7,7 +7,7 @@ from torch import nn
 
 from dynmole import MoLEConfig, get_mole_model
 from dynmole.data.example import Example
-from dynmole.evaluate import accuracy, evaluate_tasks, results_markdown, score_choices, write_results
+from dynmole.evaluate import _accepts_logits_to_keep, accuracy, evaluate_tasks, results_markdown, score_choices, write_results
 
 CORPUS = [
     "Question : which animal barks ? Answer : dog cat fish bird",
@@ -172,3 +172,31 @@ def test_smollm2_accuracy_is_reproducible():
     second = evaluate_tasks(model, tokenizer, {"arc_e": examples}, batch_size=7, progress=False)
     assert first["tasks"]["arc_e"] == second["tasks"]["arc_e"]
     assert first["tasks"]["arc_e"]["n"] == 20
+
+
+def test_only_answer_positions_reach_the_lm_head(model, tokenizer, examples):
+    """``logits_to_keep`` trims the LM head to the answer window without changing any score."""
+    class FullLogits(nn.Module):  # no ``logits_to_keep``: every position's logits
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    positions = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[1]))
+    try:
+        trimmed = score_choices(model, tokenizer, examples, batch_size=4, progress=False)
+        trimmed_positions, positions[:] = sum(positions), []
+        full = score_choices(FullLogits(model), tokenizer, examples, batch_size=4, progress=False)
+        full_positions = sum(positions)
+    finally:
+        hook.remove()
+    assert trimmed_positions < full_positions
+    for a, b in zip(trimmed, full):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
+    fresh = type(model)(model.config)
+    mole = get_mole_model(fresh, MoLEConfig(method="loramoe", num_experts=2, r=2, alpha=4.0))
+    assert mole.get_base_model() is fresh and _accepts_logits_to_keep(mole)
+    assert not _accepts_logits_to_keep(FullLogits(model))

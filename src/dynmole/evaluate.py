@@ -8,6 +8,7 @@ or a :class:`dynmole.MoLEModel`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -71,8 +72,18 @@ def _model_device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int) -> torch.Tensor:
-    """Logits of ``sequences``, right-padded into one batch."""
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model`` (or the HF model a MoLE or PEFT wrapper holds) takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int, keep: int | None) -> torch.Tensor:
+    """Logits of the last ``keep`` positions of ``sequences`` right-padded into one batch (all if None).
+
+    Only the answer positions are needed; leaving the others out of the LM head saves its
+    ``batch x length x vocabulary`` logits (about a fifth of SmolLM2's forward, and most of the memory).
+    """
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -80,15 +91,23 @@ def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int) ->
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention_mask[row, : len(sequence)] = 1
     device = _model_device(model)
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    extra = {} if keep is None else {"logits_to_keep": keep}
+    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
 
 
-def _loglik(logits: torch.Tensor, request: _Request) -> float:
-    """Summed log-probability of ``request``'s continuation, from the logits of its input."""
-    start = len(request.context) - 1  # the logits at position t predict token t + 1
-    answer = logits[start : start + len(request.continuation)].float().log_softmax(-1)
-    target = torch.tensor(request.continuation, device=answer.device)
-    return answer.gather(-1, target[:, None]).sum().item()
+def _batch_logliks(logits: torch.Tensor, offset: int, rows: list[tuple[int, _Request]]) -> list[float]:
+    """Summed log-probability of each request's continuation, from the logits of its batch row.
+
+    ``logits[row, t]`` predicts token ``offset + t + 1`` of the row; one host transfer per batch.
+    """
+    logprobs = logits.float().log_softmax(-1)
+    sums = []
+    for row, request in rows:
+        start = len(request.context) - 1 - offset  # the logits at position t predict token t + 1
+        answer = logprobs[row, start : start + len(request.continuation)]
+        target = torch.tensor(request.continuation, device=answer.device)
+        sums.append(answer.gather(-1, target[:, None]).sum())
+    return torch.stack(sums).tolist()
 
 
 def score_choices(
@@ -132,16 +151,21 @@ def score_choices(
         unit="batch",
         disable=not progress,
     )
+    trim = _accepts_logits_to_keep(model)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for start in batches:
                 batch = sequences[start : start + batch_size]
-                logits = _forward(model, batch, pad_id)
-                for row, sequence in enumerate(batch):
-                    for index in groups[sequence]:
-                        logliks[index] = _loglik(logits[row], requests[index])
+                rows = [(row, index) for row, sequence in enumerate(batch) for index in groups[sequence]]
+                width = max(map(len, batch))
+                # Logits from the first answer position of the batch on (one position at least).
+                offset = min(len(requests[index].context) for _, index in rows) - 1 if trim else 0
+                logits = _forward(model, batch, pad_id, width - offset if trim else None)
+                values = _batch_logliks(logits, offset, [(row, requests[index]) for row, index in rows])
+                for (_, index), value in zip(rows, values):
+                    logliks[index] = value
     finally:
         model.train(was_training)
     return [

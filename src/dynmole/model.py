@@ -124,6 +124,10 @@ class MoLEModel(nn.Module):
     def mole_layers(self) -> Iterator[MoLELinear]:
         return (m for m in self.base_model.modules() if isinstance(m, MoLELinear))
 
+    def get_base_model(self) -> nn.Module:
+        """The wrapped HF model (with the MoLE layers in it), as PEFT's ``PeftModel.get_base_model``."""
+        return self.base_model
+
     # ---------------------------------------------------------------- forward
     def __getattr__(self, name: str) -> Any:
         try:
