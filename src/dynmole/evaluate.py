@@ -78,8 +78,8 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int, keep: int | None) -> torch.Tensor:
-    """Logits of the last ``keep`` positions of ``sequences`` right-padded into one batch (all if None).
+def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int, first: int | None) -> torch.Tensor:
+    """Logits of ``sequences`` right-padded into one batch, from position ``first`` on (all if None).
 
     Only the answer positions are needed; leaving the others out of the LM head saves its
     ``batch x length x vocabulary`` logits (about a fifth of SmolLM2's forward, and most of the memory).
@@ -91,7 +91,7 @@ def _forward(model: nn.Module, sequences: list[tuple[int, ...]], pad_id: int, ke
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         attention_mask[row, : len(sequence)] = 1
     device = _model_device(model)
-    extra = {} if keep is None else {"logits_to_keep": keep}
+    extra = {} if first is None else {"logits_to_keep": width - first}
     return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **extra).logits
 
 
@@ -159,11 +159,10 @@ def score_choices(
             for start in batches:
                 batch = sequences[start : start + batch_size]
                 rows = [(row, index) for row, sequence in enumerate(batch) for index in groups[sequence]]
-                width = max(map(len, batch))
                 # Logits from the first answer position of the batch on (one position at least).
-                offset = min(len(requests[index].context) for _, index in rows) - 1 if trim else 0
-                logits = _forward(model, batch, pad_id, width - offset if trim else None)
-                values = _batch_logliks(logits, offset, [(row, requests[index]) for row, index in rows])
+                first = min(len(requests[index].context) for _, index in rows) - 1 if trim else None
+                logits = _forward(model, batch, pad_id, first)
+                values = _batch_logliks(logits, first or 0, [(row, requests[index]) for row, index in rows])
                 for (_, index), value in zip(rows, values):
                     logliks[index] = value
     finally:
