@@ -130,11 +130,10 @@ def interleaved(
             gc.enable()
     out = {name: Timing(times=t, median=statistics.median(t)) for name, t in times.items()}
     if reference in times:
-        ref = times[reference]
-        for name, timing in out.items():
-            q1, q2, q3 = _quartiles([a / b for a, b in zip(timing.times, ref)])
-            timing.ratio, timing.ratio_q1, timing.ratio_q3 = q2, q1, q3
-            timing.ratio_min = min(timing.times) / min(ref)
+        ref = out[reference]
+        for timing in out.values():
+            timing.ratio, timing.ratio_q1, timing.ratio_q3 = paired_ratio(timing, ref)
+            timing.ratio_min = min(timing.times) / min(ref.times)
     return out
 
 
