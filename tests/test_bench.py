@@ -10,9 +10,7 @@ from torch import nn
 
 from dynmole import bench
 from dynmole.bench_peers import GatherTopKMoLE, PerExpertLoopMoLE
-from dynmole.config import MoLEConfig
 from dynmole.gating import build_gate_fn
-from dynmole.layers import MoLELinear
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +95,7 @@ def test_mole_layer_compiles_fullgraph_dynmole():
     """torch.compile(fullgraph=True) raises on any graph break, so a pass proves the dynmole layer
     (softmax, sort, cumsum, entropy, masks) has no host sync, in training and inference."""
     torch.manual_seed(0)
-    n, r = 4, 2
-    config = MoLEConfig(method="dynmole", num_experts=n, r=r, alpha=4, dropout=0.0)
-    layer = MoLELinear(nn.Linear(16, 8), n, r, 4, 0.0, build_gate_fn(config, n))
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = bench.build_mole_layer(nn.Linear(16, 8), "dynmole", num_experts=4, r=2, dropout=0.0)  # B random
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(2, 3, 16, requires_grad=True)
     out = compiled(x)
