@@ -57,7 +57,7 @@ class MoLEModel(nn.Module):
         self.base_model = model
         self.mole_config = config
         self.recorder = RoutingRecorder()
-        self.stats = RoutingStats(q=config.q)
+        self.stats = RoutingStats(q=config.q, threshold=config.threshold)
         self.stats_enabled = False
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         # When False, the aux total is left in ``pending_aux_loss`` for a trainer to add with its

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .analysis import RunRecord, ablation_report, grid_report, group_by_variant
-from .analysis.runs import RESULT_NAME
+from .analysis.runs import LOG_NAME, RESULT_NAME
 from .config import METHODS, MoLEConfig
 from .data import Example, load_examples, load_mixture
 from .evaluate import evaluate_tasks
@@ -37,6 +37,7 @@ from .io import write_json
 from .job import JobConfig, machine_description
 from .model import MoLEModel
 from .reproduce_profiles import ABLATIONS, PROFILES, VARIANTS, CostModel, Profile, Variant
+from .routing_probe import PROBE_LOG_NAME, probe_set
 from .train import ALL_METHODS, PEFT_METHODS, TrainConfig, adapt_model, train
 
 BASE = Variant("base", "Base (zero-shot)", "none")
@@ -245,21 +246,46 @@ def _evaluate(model: nn.Module, tokenizer: Any, inputs: Inputs, job: JobConfig) 
     return results, stats.summary()
 
 
+def _checkpoint_step(directory: Path) -> int | None:
+    """The step of the newest complete checkpoint (with its trainer state) in ``directory``."""
+    steps = [int(p.name.split("-")[-1]) for p in directory.glob("checkpoint-*")
+             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps, default=None)
+
+
+def trim_logs(directory: Path, step: int) -> None:
+    """Drop the records after ``step`` from a run's JSONL logs, so a resumed run logs each step once."""
+    for name in (LOG_NAME, PROBE_LOG_NAME):
+        path = directory / name
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+
 def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRecord:
     """Train (unless it is the base run) and evaluate one run; write its ``result.json``.
 
-    A folder left by an interrupted run is cleared first. The adapter is deleted afterwards
-    unless ``keep_adapter`` (the tables and figures need only ``result.json`` and ``log.jsonl``).
+    A run interrupted after a checkpoint (``save_steps``) resumes from its newest checkpoint, its
+    logs cut back to that step; any other folder left by an interrupted run is cleared first. The
+    adapter and checkpoints are deleted afterwards unless ``keep_adapter`` (the tables and figures
+    need only ``result.json``, ``log.jsonl`` and ``routing_probe.jsonl``).
     """
     started = time.time()
-    shutil.rmtree(spec.directory, ignore_errors=True)
-    spec.directory.mkdir(parents=True)
+    resume_step = _checkpoint_step(spec.directory) if spec.variant is not BASE else None
+    if resume_step is None:
+        shutil.rmtree(spec.directory, ignore_errors=True)
+    else:
+        print(f"  resuming {spec.label} from step {resume_step}", flush=True)
+        trim_logs(spec.directory, resume_step)
+    spec.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)
     model, tokenizer = inputs.load_model()
     summary: dict[str, Any] = {}
     if spec.variant is not BASE:
         model = adapt_model(model, spec.variant.method, spec.mole)
-        model, summary = train(model, tokenizer, inputs.train_examples(spec.train.seed), spec.train)
+        train_config = dataclasses.replace(spec.train, resume=resume_step is not None)
+        probe = probe_set(inputs.eval_examples, train_config.routing_probe_size)
+        model, summary = train(model, tokenizer, inputs.train_examples(spec.train.seed), train_config, probe)
     results, routing = _evaluate(model, tokenizer, inputs, spec.job)
     result = {
         "variant": spec.variant.name,
@@ -279,6 +305,8 @@ def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRec
     write_json(spec.directory / RESULT_NAME, result)
     if not keep_adapter:
         shutil.rmtree(spec.directory / "adapter", ignore_errors=True)
+        for checkpoint in spec.directory.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return RunRecord(spec.directory, result)
 
 

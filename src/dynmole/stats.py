@@ -18,6 +18,7 @@ class _ModuleTotals:
     experts: torch.Tensor
     entropy: torch.Tensor
     soft: torch.Tensor
+    high_entropy: torch.Tensor
     load: torch.Tensor
     histogram: torch.Tensor  # tokens by number of active experts (0..N)
 
@@ -26,9 +27,14 @@ class _ModuleTotals:
 class RoutingStats:
     """Per adapted module: experts active per token, router entropy (normalised Shannon and
     Tsallis), share of tokens DynMoLE routed soft, and each expert's load (share of the gate
-    mass). Padding tokens never count."""
+    mass). Padding tokens never count.
+
+    ``high_entropy_fraction`` is the share of tokens whose normalised Tsallis entropy exceeds
+    ``threshold`` (DynMoLE's soft-routing threshold, eq. 17), for every method: it says how far a
+    router is from the regime where DynMoLE's sparse branch would fire."""
 
     q: float = 1.1
+    threshold: float = 0.9
     totals: dict[str, _ModuleTotals] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -45,11 +51,13 @@ class RoutingStats:
             soft = soft.reshape(-1).float() if soft is not None else torch.zeros_like(valid)
             mass = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-12)
             num_experts = probs.shape[-1]
+            entropy = tsallis_entropy(probs, q=self.q)
             update = _ModuleTotals(
                 tokens=valid.sum(),
                 experts=(active.float() * valid).sum(),
-                entropy=(tsallis_entropy(probs, q=self.q) * valid).sum(),
+                entropy=(entropy * valid).sum(),
                 soft=(soft * valid).sum(),
+                high_entropy=((entropy > self.threshold).float() * valid).sum(),
                 load=(mass * valid.unsqueeze(-1)).sum(dim=0),
                 histogram=torch.zeros(num_experts + 1, device=valid.device).index_add_(0, active, valid),
             )
@@ -61,7 +69,8 @@ class RoutingStats:
                     setattr(previous, name, getattr(previous, name) + getattr(update, name))
 
     def summary(self) -> dict[str, dict]:
-        """Per module: ``tokens``, ``mean_experts``, ``entropy``, ``soft_fraction``, ``load``
+        """Per module: ``tokens``, ``mean_experts``, ``entropy``, ``soft_fraction``,
+        ``high_entropy_fraction``, ``load``
         (fractions summing to 1) and ``experts_histogram``. This reads the device (one sync)."""
         out: dict[str, dict] = {}
         for module, t in self.totals.items():
@@ -72,6 +81,7 @@ class RoutingStats:
                 "mean_experts": float(t.experts) / tokens,
                 "entropy": float(t.entropy) / tokens,
                 "soft_fraction": float(t.soft) / tokens,
+                "high_entropy_fraction": float(t.high_entropy) / tokens,
                 "load": [float(v) / load_total for v in t.load.tolist()],
                 "experts_histogram": [int(v) for v in t.histogram.tolist()],
             }

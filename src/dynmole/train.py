@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from .config import METHODS, MoLEConfig
 from .data.example import Example
 from .data.tokenize import AnswerCollator, encode_example
+from .layers import MoLELinear
 from .model import WEIGHTS_NAME, MoLEModel, get_mole_model
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,16 @@ class TrainConfig:
     save_total_limit: int = _help("Checkpoints kept.", default=2)
     resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
     report_to: str = _help("Trackers: tensorboard, none, wandb, ...", default="tensorboard")
+    router_lr_scale: float = _help(
+        "Learning rate of the MoLE routers (W_g) as a multiple of lr. 1 = the papers (one lr for all); "
+        "a departure from them when not 1 (see docs/regime.md: at 1 the routers of a short CPU run stay "
+        "near uniform).",
+        default=1.0,
+    )
+    routing_probe_steps: int = _help(
+        "Every N steps, log routing statistics of held-out examples (routing_probe.jsonl); 0: off.", default=0
+    )
+    routing_probe_size: int = _help("Held-out examples in the routing probe.", default=32)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -96,13 +107,23 @@ class MoLETrainer(Trainer):
     The parts are summed on the device each step and read (one sync) only when the Trainer logs.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, router_lr_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.router_lr_scale = router_lr_scale
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._aux_steps = 0
         mole = _unwrap(self.model)
         if isinstance(mole, MoLEModel):
             mole.aux_in_loss = False
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the routers in groups of their own at ``router_lr_scale``
+        times the learning rate (before the scheduler is built, so it scales every group alike)."""
+        optimizer = super().create_optimizer(model)
+        if self.router_lr_scale != 1.0:
+            routers = {id(p) for p in router_parameters(_unwrap(model or self.model))}
+            scale_parameter_groups(optimizer, routers, self.router_lr_scale)
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -149,6 +170,26 @@ class MoLETrainer(Trainer):
         mole.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
 
 
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The router weights ``W_g`` of every MoLE layer of ``model`` (none for LoRA/DoRA)."""
+    return [m.router for m in model.modules() if isinstance(m, MoLELinear) and m.router.requires_grad]
+
+
+def scale_parameter_groups(optimizer: torch.optim.Optimizer, selected: set[int], scale: float) -> None:
+    """Move the parameters whose ``id`` is in ``selected`` out of each optimizer group into a new
+    group with the same settings and ``scale`` times its learning rate."""
+    if scale <= 0:
+        raise ValueError(f"router_lr_scale must be > 0, got {scale}")
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in selected]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in selected]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                   "params": moved, "lr": group["lr"] * scale})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+
+
 def adapt_model(model: nn.Module, method: str, mole: MoLEConfig) -> nn.Module:
     """Wrap ``model`` with the adapter of ``method``: a MoLE method, or PEFT LoRA/DoRA."""
     if method in METHODS:
@@ -176,18 +217,35 @@ def _precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def _probe_callbacks(model: nn.Module, tokenizer: Any, examples: list[Example] | None,
+                     config: TrainConfig) -> list[TrainerCallback]:
+    """The routing probe, when asked for and the model is a MoLE model (before the JSONL logger,
+    so its values reach ``log.jsonl``)."""
+    mole = _unwrap(model)
+    if config.routing_probe_steps <= 0 or not isinstance(mole, MoLEModel):
+        return []
+    if not examples:
+        raise ValueError("routing_probe_steps > 0 needs held-out probe examples")
+    from .routing_probe import RoutingProbe
+
+    return [RoutingProbe(mole, tokenizer, examples[: config.routing_probe_size], config.routing_probe_steps,
+                         config.output_dir, cutoff_len=config.cutoff_len)]
+
+
 def _last_checkpoint(output_dir: Path) -> str | None:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
 
 
 def train(
-    model: nn.Module, tokenizer: Any, examples: list[Example], config: TrainConfig
+    model: nn.Module, tokenizer: Any, examples: list[Example], config: TrainConfig,
+    probe_examples: list[Example] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune an adapted ``model`` on ``examples`` (cross-entropy on answer tokens + aux losses).
 
-    Returns the trained model and a summary (train loss, steps, runtime, log history). The final
-    adapter is saved in ``<output_dir>/adapter``.
+    ``probe_examples`` (held out) feed the routing probe when ``config.routing_probe_steps > 0``
+    (:mod:`dynmole.routing_probe`; MoLE models only). Returns the trained model and a summary
+    (train loss, steps, runtime, log history). The final adapter is saved in ``<output_dir>/adapter``.
     """
     from datasets import Dataset
 
@@ -229,7 +287,8 @@ def train(
         train_dataset=features,
         data_collator=AnswerCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[JsonlLogger(output_dir / "log.jsonl")],
+        callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / "log.jsonl")],
+        router_lr_scale=config.router_lr_scale,
     )
     resume = _last_checkpoint(output_dir) if config.resume else None
     if config.resume and resume is None:
