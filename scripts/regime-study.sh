@@ -5,7 +5,7 @@
 # on 32 held-out examples every 20 steps); about 7-10 minutes on the 2-core CPU.
 set -uo pipefail  # a failed run is reported in its error.txt; the next one still runs
 cd "$(dirname "$0")/.."
-R="${DYNMOLE:-.venv/bin/dynmole} reproduce --profile regime"
+R="${DYNMOLE:-.venv/bin/python -m dynmole} reproduce --profile regime"
 OUT=docs/regime/runs
 
 # 1. The router learning rate at the probe's lr 1e-3 (DynMoLE).
