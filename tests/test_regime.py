@@ -87,3 +87,38 @@ def test_trim_logs_drops_steps_after_the_checkpoint(tmp_path):
     trim_logs(tmp_path, 10)
     assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [5, 10]
     assert [json.loads(x)["step"] for x in (tmp_path / PROBE_LOG_NAME).read_text().splitlines()] == [0, 10]
+
+
+def _fake_run(root, name, scale, below):
+    from dynmole.io import write_json
+
+    directory = root / name / "seed0"
+    directory.mkdir(parents=True)
+    write_json(directory / "result.json", {
+        "variant": "DynMoLE", "method": "dynmole", "seed": 0, "eval": {"average": {"acc": 0.5, "acc_norm": 0.6}},
+        "train": {"lr": 1e-3, "router_lr_scale": scale}, "adapter": {"entropy_coef": None, "router_init_std": 0.02},
+    })
+    (directory / "log.jsonl").write_text(json.dumps({"step": 20, "loss": 2.5}) + "\n")
+    modules = {f"model.layers.{i}.mlp.up_proj": {"entropy": 0.9, "mean_experts": 5.0, "soft_fraction": 0.5,
+                                                  "high_entropy_fraction": 0.5} for i in range(2)}
+    probes = [{"step": step, "probe_entropy": 1.0 - step / 100, "probe_experts": 6.0, "probe_soft_fraction": 0.5,
+               "probe_high_entropy_fraction": 0.5, "probe_layers_below": value, "modules": modules}
+              for step, value in zip((0, 10, 20), below)]
+    (directory / PROBE_LOG_NAME).write_text("".join(json.dumps(p) + "\n" for p in probes))
+
+
+def test_regime_study_table_and_plots(tmp_path, capsys):
+    from dynmole.analysis import regime
+
+    _fake_run(tmp_path, "fast", 10.0, (0.0, 0.6, 0.9))
+    _fake_run(tmp_path, "slow", 1.0, (0.0, 0.1, 0.2))
+    runs = regime.load_study(tmp_path)
+    assert [r.label for r in runs] == ["dynmole, lr 0.001, router x1", "dynmole, lr 0.001, router x10"]
+    assert [r.first_step_most_below() for r in runs] == [None, 10]
+    assert regime.main([str(tmp_path), "--output", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "regime.md").read_text()
+    assert "| dynmole, lr 0.001, router x10 | 20 | 1.00 / 0.90 / 0.80 | 0.90 | 6.00 | 10 | 2.50 | 60.0 |" in table
+    assert "| never |" in table
+    assert (tmp_path / "out" / "plots" / "regime_entropy.png").stat().st_size > 0
+    assert regime.main([str(tmp_path / "out" / "plots")]) == 2
+    assert "error: no finished run" in capsys.readouterr().err

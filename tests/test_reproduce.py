@@ -44,8 +44,8 @@ def toy_inputs(tiny_llama, tiny_tokenizer):
 
 
 def _table(markdown, heading):
-    """Rows of the markdown table under ``heading`` as {first cell: cells}, plus the header."""
-    block = markdown.split(heading, 1)[1].split("\n\n", 2)[1]
+    """Rows of the first markdown table under ``heading`` as {first cell: cells}, plus the header."""
+    block = next(b for b in markdown.split(heading, 1)[1].split("\n\n") if b.startswith("|"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines() if line.startswith("|")]
     return rows[0], {row[0]: row[1:] for row in rows[2:]}
 
@@ -66,7 +66,7 @@ def test_grid_writes_runs_table_plots_and_resumes(tmp_path, toy_inputs, capsys):
 
     markdown = (tmp_path / "results.md").read_text()
     for metric in ("acc_norm", "acc"):
-        header, rows = _table(markdown, f"## {metric} (%)")
+        header, rows = _table(markdown, f"## {metric} (%, cloze: ")
         assert header == ["method", "arc_e", "boolq", "average", "trainable params", "experts / token", "seeds"]
         assert list(rows) == ["Base (zero-shot)", "LoRA", "DynMoLE", "MoLA (2-4-6-8)"]
         for name, cells in rows.items():
@@ -98,13 +98,69 @@ def test_grid_writes_runs_table_plots_and_resumes(tmp_path, toy_inputs, capsys):
     assert "it ran with other train.lr" in capsys.readouterr().out
 
 
+def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsys):
+    from dynmole.analysis.__main__ import main as analysis_main
+
+    argv = ["--profile", "tiny", "--methods", "lora,dynmole", "--seeds", "0,1", "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    out = capsys.readouterr().out
+
+    correct = {}  # (variant key, seed) -> task -> 0/1 per example, from predictions.json
+    for folder in [tmp_path / "runs/base"] + [tmp_path / f"runs/{k}/seed{s}" for k in ("lora", "dynmole") for s in (0, 1)]:
+        predictions = json.loads((folder / "predictions.json").read_text())
+        result = json.loads((folder / "result.json").read_text())
+        assert "predictions" not in result["eval"] and list(predictions) == ["arc_e", "boolq"]
+        for task, lists in predictions.items():
+            examples = toy_inputs.eval_examples[task]
+            assert list(lists) == ["id", "label", "acc", "acc_norm"]
+            assert lists["id"] == [e.id for e in examples] and lists["label"] == [e.label for e in examples]
+            for metric in ("acc", "acc_norm"):
+                hits = [int(p == y) for p, y in zip(lists[metric], lists["label"])]
+                assert sum(hits) / len(hits) == pytest.approx(result["eval"]["tasks"][task][metric])
+                correct[folder.parent.name, folder.name, task, metric] = hits
+
+    markdown = (tmp_path / "results.md").read_text()
+    header, rows = _table(markdown, "### 95 % intervals: acc_norm")
+    assert header == ["method", "arc_e", "boolq", "average", "seeds", "examples"]
+    assert list(rows) == ["Base (zero-shot)", "LoRA", "DynMoLE"]
+    for cells in rows.values():
+        for cell in cells[:3]:
+            mid, low, high = (float(x) for x in re.fullmatch(r"(\d+\.\d) \[(\d+\.\d), (\d+\.\d)\]", cell).groups())
+            assert low <= mid <= high
+    assert rows["LoRA"][3:] == ["2", "12"]
+
+    section = markdown.split("## Paired tests", 1)[1]
+    claims = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+              if line.startswith("| DynMoLE beats LoRA")]
+    assert [row[3] for row in claims] == ["acc_norm", "acc"]
+    for row in claims:
+        metric = row[3]
+        assert row[1:3] == ["DynMoLE", "LoRA"] and row[4:6] == ["2 / 2", "12"]
+        # Difference of the task-averaged accuracy, each example's correctness averaged over the two seeds.
+        expected = sum(
+            sum(correct["dynmole", s, task, metric][i] - correct["lora", s, task, metric][i]
+                for s in ("seed0", "seed1") for i in range(6)) / 12 for task in ("arc_e", "boolq")) / 2
+        assert float(row[6]) == pytest.approx(100 * expected, abs=0.051)
+        low, high = (float(x) for x in re.fullmatch(r"\[([+-]\d+\.\d), ([+-]\d+\.\d)\]", row[7]).groups())
+        assert low <= float(row[6]) <= high
+        p = 0.0 if row[8] == "< 0.001" else float(row[8])
+        assert row[10] == ("no difference detected at 5 %" if p >= 0.05 else
+                           "DynMoLE > LoRA" if expected > 0 else "LoRA > DynMoLE")
+    assert "| DynMoLE vs LoRA | acc_norm |" in section  # the per-task table
+    paired = "## Paired tests" + section.split("## Figures", 1)[0].rstrip("\n") + "\n"
+    assert paired in out  # printed at the end of the run, the same markdown
+
+    assert analysis_main([str(tmp_path)]) == 0  # recomputed from the committed files alone
+    assert paired in capsys.readouterr().out
+
+
 def test_ablation_sweep_writes_line_plot(tmp_path, toy_inputs):
     argv = ["--profile", "tiny", "--ablation", "keep_top_k", "--values", "1,2", "--seeds", "0,1",
             "--output-dir", str(tmp_path)]
     assert reproduce.main(argv, inputs=toy_inputs) == 0
     assert len(list(tmp_path.glob("runs/ablation-keep_top_k/keep_top_k=*/seed*/result.json"))) == 4
     assert not (tmp_path / "runs/base").exists()
-    _, rows = _table((tmp_path / "ablation-keep_top_k.md").read_text(), "## acc_norm (%)")
+    _, rows = _table((tmp_path / "ablation-keep_top_k.md").read_text(), "## acc_norm (%, cloze: ")
     assert list(rows) == ["DynMoLE (keep_top_k=1)", "DynMoLE (keep_top_k=2)"]
     assert (tmp_path / "plots/ablation-keep_top_k.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -130,15 +130,19 @@ def _cmd_run(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
-    from .data import load_mixture
+    import torch
+
+    from .data import format_examples, load_mixture
     from .job import JobConfig
     from .pretrained import load_model_and_tokenizer
     from .train import TrainConfig, adapt_model, train
 
     job, train_config, mole = _configs(args, (JobConfig, TrainConfig, MoLEConfig), defaults)
+    torch.manual_seed(train_config.seed)  # the adapter's initialisation, as run/demo/reproduce seed it
     model, tokenizer = load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     examples = load_mixture(job.tasks, "train", job.train_limit, job.source, job.eval_fraction,
                             skip_invalid=args.skip_invalid, seed=train_config.seed)
+    examples = format_examples(examples, job.scoring)  # the format `dynmole eval --scoring` evaluates
     model = adapt_model(model, job.method, mole)
     model.print_trainable_parameters()
     _, summary = train(model, tokenizer, examples, train_config)
@@ -164,7 +168,7 @@ def _load_for_inference(model_name: str, adapter: str | None, trust_remote_code:
 
 def _cmd_eval(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     from .data import load_examples, split_description
-    from .evaluate import evaluate_tasks, results_markdown, write_results
+    from .evaluate import describe_scoring, evaluate_tasks, results_tables, write_results
     from .job import JobConfig, machine_description
 
     (job,) = _configs(args, (JobConfig,), defaults)
@@ -172,10 +176,11 @@ def _cmd_eval(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     examples = {t: load_examples(t, "eval", job.source, job.eval_limit, job.eval_fraction) for t in job.tasks}
     name = f"{job.model} + {args.adapter}" if args.adapter else f"{job.model} (zero-shot)"
     results = evaluate_tasks(model, tokenizer, examples, job.eval_batch_size, job.scoring)
-    print(results_markdown({name: results}, "acc") + "\n" + results_markdown({name: results}, "acc_norm"))
+    print(results_tables({name: results}, job.scoring))
     if args.output:
         write_results(args.output, {name: results}, {
-            "model": job.model, "adapter": args.adapter, "scoring": job.scoring, "machine": machine_description(),
+            "model": job.model, "adapter": args.adapter, "scoring": job.scoring,
+            "scoring_description": describe_scoring(job.scoring), "machine": machine_description(),
             "splits": [split_description(t, "eval", job.source, job.eval_fraction, job.eval_limit) for t in job.tasks],
         })
         print(f"results: {args.output}")

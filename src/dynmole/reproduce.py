@@ -2,10 +2,11 @@
 
 Runs a grid of method variants x seeds from a profile (``reproduce_profiles``): every run
 fine-tunes on the tasks mixed into one training set, as the papers do, and is evaluated on each
-task. Each run writes ``runs/<variant>/seed<k>/result.json`` (and the trainer's ``log.jsonl``);
-a run whose ``result.json`` exists is skipped, so an interrupted grid resumes. Then
-``results.md`` (the paper's table, mean ± std over seeds) and ``plots/`` are written from all
-the grid's runs. ``--ablation NAME`` sweeps one field instead (DynMoLE's Figure 4).
+task. Each run writes ``runs/<variant>/seed<k>/result.json``, its per-example
+``predictions.json`` (and the trainer's ``log.jsonl``); a run whose ``result.json`` exists is
+skipped, so an interrupted grid resumes. Then ``results.md`` (the paper's table, mean ± std over
+seeds, 95 % intervals and the paired tests of the papers' claims) and ``plots/`` are written
+from all the grid's runs. ``--ablation NAME`` sweeps one field instead (DynMoLE's Figure 4).
 
 Tests inject a tiny model and toy examples through :class:`Inputs` (``main(argv, inputs=...)``).
 """
@@ -23,21 +24,21 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .analysis import RunRecord, ablation_report, grid_report, group_by_variant
-from .analysis.runs import LOG_NAME, RESULT_NAME
+from .analysis import RunRecord, ablation_report, grid_report, group_by_variant, paired_tests_markdown
+from .analysis.runs import LOG_NAME, PROBE_LOG_NAME, RESULT_NAME, write_predictions
 from .config import METHODS, MoLEConfig
-from .data import Example, load_examples, load_mixture
-from .evaluate import evaluate_tasks
+from .data import Example, format_examples, load_examples, load_mixture, scoring_protocol
+from .evaluate import describe_scoring, evaluate_tasks
 from .io import write_json
 from .job import JobConfig, machine_description
 from .model import MoLEModel
 from .reproduce_profiles import ABLATIONS, PROFILES, VARIANTS, CostModel, Profile, Variant
-from .routing_probe import PROBE_LOG_NAME, probe_set
+from .routing_probe import probe_set
 from .train import ALL_METHODS, PEFT_METHODS, TrainConfig, adapt_model, train
 
 BASE = Variant("base", "Base (zero-shot)", "none")
@@ -158,9 +159,10 @@ def grid_job(profile: Profile, overrides: dict[str, Any]) -> JobConfig:
     return _configs(_settings(profile, overrides, None), BASE.method, 0, Path("."))[0]
 
 
-def plan(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int], overrides: dict[str, Any],
-         output_dir: str | Path, eval_base: bool) -> list[RunSpec]:
-    """Every run of the grid, in table order (the base evaluation first when ``eval_base``)."""
+def plan(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int] | Mapping[str, Sequence[int]],
+         overrides: dict[str, Any], output_dir: str | Path, eval_base: bool) -> list[RunSpec]:
+    """Every run of the grid, in table order (the base evaluation first when ``eval_base``);
+    ``seeds`` are every variant's, or each variant's by key."""
     root = Path(output_dir) / "runs"
     specs = []
     if eval_base:
@@ -168,7 +170,7 @@ def plan(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int], ov
         specs.append(RunSpec(BASE, None, job, train_config, mole, root / BASE.key))
     for variant in variants:
         values = _settings(profile, overrides, variant)
-        for seed in seeds:
+        for seed in seeds[variant.key] if isinstance(seeds, Mapping) else seeds:
             directory = root / variant.key / f"seed{seed}"
             specs.append(RunSpec(variant, seed, *_configs(values, variant.method, seed, directory), directory))
     return specs
@@ -177,6 +179,11 @@ def plan(profile: Profile, variants: Sequence[Variant], seeds: Sequence[int], ov
 # ---------------------------------------------------------------------------------- estimating
 def _tokens(*texts: str) -> int:
     return math.ceil(sum(map(len, texts)) / CHARS_PER_TOKEN) + 1
+
+
+def training_examples(spec: RunSpec, inputs: Inputs) -> list[Example]:
+    """The run's training mixture in the format its evaluation protocol (``job.scoring``) scores."""
+    return format_examples(inputs.train_examples(spec.train.seed), spec.job.scoring)
 
 
 def estimate(spec: RunSpec, inputs: Inputs, cost: CostModel) -> tuple[int, float]:
@@ -188,7 +195,7 @@ def estimate(spec: RunSpec, inputs: Inputs, cost: CostModel) -> tuple[int, float
     if spec.seed is None:
         return 0, seconds
     config = spec.train
-    lengths = [min(_tokens(e.prompt, e.answer), config.cutoff_len) for e in inputs.train_examples(spec.seed)]
+    lengths = [min(_tokens(e.prompt, e.answer), config.cutoff_len) for e in training_examples(spec, inputs)]
     batches = [lengths[i : i + config.batch_size] for i in range(0, len(lengths), config.batch_size)]
     steps = config.max_steps if config.max_steps > 0 else math.ceil(len(batches) / config.grad_accum * config.epochs)
     padded = [len(b) * max(b) for b in batches]
@@ -232,17 +239,23 @@ def changed_settings(spec: RunSpec, record: RunRecord) -> list[str]:
     """Settings in which a finished run differs from the planned one (``train.output_dir`` aside,
     so a moved results folder still resumes)."""
     planned = json.loads(json.dumps(_settings_record(spec)))
+    recorded = {part: dict(record.result.get(part, {})) for part in planned}
+    if "scoring" in recorded["job"]:  # runs made before the rename recorded cloze as "choices"
+        recorded["job"]["scoring"] = scoring_protocol(recorded["job"]["scoring"])
     return [f"{part}.{name}" for part, fields in planned.items() for name, value in fields.items()
-            if (part, name) != ("train", "output_dir") and record.result.get(part, {}).get(name) != value]
+            if (part, name) != ("train", "output_dir") and recorded[part].get(name) != value]
 
 
 def _evaluate(model: nn.Module, tokenizer: Any, inputs: Inputs, job: JobConfig) -> tuple[dict, dict]:
-    """Accuracy per task and, for MoLE models, the routing statistics of those same forwards."""
+    """Accuracy per task (with the per-example ``predictions``) and, for MoLE models, the routing
+    statistics of those same forwards."""
     model.eval()
+    evaluate = functools.partial(evaluate_tasks, model, tokenizer, inputs.eval_examples, job.eval_batch_size,
+                                 job.scoring, False, return_predictions=True)
     if not isinstance(model, MoLEModel):
-        return evaluate_tasks(model, tokenizer, inputs.eval_examples, job.eval_batch_size, job.scoring, False), {}
+        return evaluate(), {}
     with model.collect_routing_stats() as stats:
-        results = evaluate_tasks(model, tokenizer, inputs.eval_examples, job.eval_batch_size, job.scoring, False)
+        results = evaluate()
     return results, stats.summary()
 
 
@@ -284,9 +297,10 @@ def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRec
     if spec.variant is not BASE:
         model = adapt_model(model, spec.variant.method, spec.mole)
         train_config = dataclasses.replace(spec.train, resume=resume_step is not None)
-        probe = probe_set(inputs.eval_examples, train_config.routing_probe_size)
-        model, summary = train(model, tokenizer, inputs.train_examples(spec.train.seed), train_config, probe)
+        probe = format_examples(probe_set(inputs.eval_examples, train_config.routing_probe_size), spec.job.scoring)
+        model, summary = train(model, tokenizer, training_examples(spec, inputs), train_config, probe)
     results, routing = _evaluate(model, tokenizer, inputs, spec.job)
+    write_predictions(spec.directory, results.pop("predictions"))  # before result.json, which marks the run done
     result = {
         "variant": spec.variant.name,
         "key": spec.variant.key,
@@ -384,10 +398,10 @@ def _csv(text: str | None, kind: Callable[[str], Any] = str) -> list[Any] | None
     return [kind(part.strip()) for part in text.split(",") if part.strip()] if text else None
 
 
-def _variants(args: argparse.Namespace) -> list[Variant]:
+def _variants(args: argparse.Namespace, profile: Profile) -> list[Variant]:
     if args.ablation:
         return ABLATIONS[args.ablation].points(tuple(_csv(args.values, parse_value) or ()) or None)
-    keys = _csv(args.methods) or list(VARIANTS)
+    keys = _csv(args.methods) or list(profile.variants or VARIANTS)
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -399,7 +413,7 @@ def _notes(profile: Profile, inputs: Inputs, job: JobConfig, seeds: Sequence[int
     lines = [
         f"Profile `{profile.name}`: {profile.description}",
         f"Inputs: {inputs.description}. Tasks {', '.join(inputs.eval_examples)} trained as one mixture, "
-        f"evaluated per task ({job.scoring} scoring: acc = highest summed log-likelihood, acc_norm = per character).",
+        f"evaluated per task. Scoring (training uses its format): {describe_scoring(job.scoring)}.",
         f"Cells: mean ± sample std over seeds {', '.join(map(str, seeds))} (column `seeds`: runs per row). "
         "Experts / token: routing statistics over the evaluation forwards. "
         "Each run's settings: its `result.json` under `runs/`.",
@@ -426,11 +440,13 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
         overrides = parse_assignments(args.assignments)
         if args.tasks:
             overrides["tasks"] = _csv(args.tasks)
-        seeds = _csv(args.seeds, int) or list(profile.seeds)
-        variants = _variants(args)
+        variants = _variants(args, profile)
+        explicit = _csv(args.seeds, int)
+        seeds_by_variant = {v.key: explicit or list(profile.seeds_of(v.key)) for v in variants}
+        seeds = sorted(set().union(*seeds_by_variant.values()))
         output_dir = Path(args.output_dir or f"runs/reproduce-{profile.name}")
         job = grid_job(profile, overrides)
-        specs = plan(profile, variants, seeds, overrides, output_dir, job.eval_base and not args.ablation)
+        specs = plan(profile, variants, seeds_by_variant, overrides, output_dir, job.eval_base and not args.ablation)
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     inputs = inputs or inputs_from_job(job)
@@ -450,9 +466,14 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
         for record in records:
             points.setdefault(float(record.result["overrides"][ablation.field]), []).append(record)
         written = ablation_report(points, output_dir, ablation.field, ablation.label, args.metric, ablation.log_x, notes)
+        paired = ""
     else:
-        written = grid_report(group_by_variant(records), output_dir, f"Comparison: profile {profile.name}", notes)
+        groups = group_by_variant(records)
+        paired = paired_tests_markdown(groups)
+        written = grid_report(groups, output_dir, f"Comparison: profile {profile.name}", notes, paired)
     print("wrote " + ", ".join(str(p) for p in written))
+    if paired:
+        print(f"\n{paired}")
     return 1 if failed else 0
 
 

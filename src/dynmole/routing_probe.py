@@ -23,11 +23,11 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback
 
+from .analysis.runs import PROBE_LOG_NAME
 from .data.example import Example
 from .data.tokenize import AnswerCollator, encode_example
 from .model import MoLEModel
 
-PROBE_LOG_NAME = "routing_probe.jsonl"
 _PROBE_KEYS = ("entropy", "mean_experts", "soft_fraction", "high_entropy_fraction")
 
 

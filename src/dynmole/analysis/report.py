@@ -5,17 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..evaluate import metric_heading
 from ..io import atomic_write
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
-from .tables import comparison_table
+from .significance import ALPHA, CLAIMS, RESAMPLES, SEED, PairedComparison, paired_comparison
+from .tables import comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant
 
 METRICS = ("acc_norm", "acc")
+_INTERVALS_NOTE = (
+    "Cells: mean over seeds with its 95 % interval over the evaluation examples: for one seed the Wilson score "
+    f"interval, for several a percentile bootstrap ({RESAMPLES:,} resamples) of each example's correctness averaged "
+    "over the seeds; the average's interval from a bootstrap stratified by task. It measures the evaluation set's "
+    "sampling noise given the trained models; the spread between training seeds is the ± std above."
+)
 
 
 def _write_text(path: Path, text: str) -> Path:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def _heading(groups: Mapping[str, Sequence[RunRecord]], metric: str) -> str:
+    """The table heading: ``metric`` and the runs' evaluation protocol (``"acc (%, cloze: ...)"``)."""
+    protocols = sorted({record.scoring for records in groups.values() for record in records})
+    if len(protocols) == 1:
+        return metric_heading(metric, protocols[0])
+    return f"{metric} (%, mixed protocols {', '.join(protocols)}: not comparable)"
 
 
 def _by_layer_panels(groups: Mapping[str, Sequence[RunRecord]], key: str) -> dict[str, dict[str, list]]:
@@ -58,14 +74,56 @@ def routing_plots(groups: Mapping[str, Sequence[RunRecord]], directory: Path) ->
     return written
 
 
+def claim_comparisons(groups: Mapping[str, Sequence[RunRecord]], claims: Sequence[tuple[str, str, str]] = CLAIMS,
+                      metrics: Sequence[str] = METRICS) -> list[tuple[str, PairedComparison]]:
+    """(claim, paired comparison) for each claim and metric whose two variants (by key) both have
+    runs with predictions; the other claims are left out."""
+    runs = predictions_by_variant(groups)
+    names = {groups[name][0].key: name for name in runs if groups[name][0].key}
+    return [(text, paired_comparison(runs[names[a]], runs[names[b]], metric, (names[a], names[b])))
+            for a, b, text in claims if a in names and b in names for metric in metrics]
+
+
+def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
+    """The "Paired tests" section of ``results.md``: the claims' table, then the same per task;
+    empty when no claim has both variants with predictions."""
+    rows = claim_comparisons(groups)
+    if not rows:
+        return ""
+    how = (
+        "Each row tests one claim of the papers on the same evaluation examples. Difference: A's minus B's "
+        "task-averaged accuracy (each task counts once, as in the tables' average), each example's correctness "
+        "first averaged over the variant's seeds (`seeds A / B` pooled). 95 % interval and p-value: paired "
+        f"bootstrap stratified by task ({rows[0][1].resamples:,} resamples of each task's examples, the same for "
+        f"A and B, seed {SEED}), percentile interval, two-sided p from the bootstrap distribution of the centred "
+        "difference. McNemar p: exact binomial test on the examples only one of A and B got right, pooled over "
+        "tasks and seed pairs (a second opinion). "
+        f"Verdict: bootstrap p < {ALPHA:g}; no correction for testing several claims. The hybrid-routing row "
+        "compares DynMoLE (-) with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing "
+        "rule (soft routing at high router entropy with at least 2 experts, against top-p with at least 1)."
+    )
+    return (f"## Paired tests\n\n{how}\n\n{paired_table(rows)}\n"
+            f"### Paired tests per task (difference in points [95 % interval] p)\n\n{paired_task_table(rows)}")
+
+
+def _metric_section(groups: Mapping[str, Sequence[RunRecord]], metric: str) -> str:
+    """The metric's table (mean ± std), then its 95 % intervals when the runs have predictions."""
+    section = f"## {_heading(groups, metric)}\n\n{comparison_table(groups, metric)}"
+    intervals = interval_table(groups, metric)
+    return f"{section}\n### 95 % intervals: {metric}\n\n{_INTERVALS_NOTE}\n\n{intervals}" if intervals else section
+
+
 def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path, title: str,
-                notes: str = "") -> list[Path]:
-    """Write ``results.md`` (one table per metric) and the figures under ``plots/``; returns the paths."""
+                notes: str = "", paired: str | None = None) -> list[Path]:
+    """Write ``results.md`` (per metric the table and, from the runs' predictions, its 95 %
+    intervals; then the paired tests: ``paired`` when given, else :func:`paired_tests_markdown`)
+    and the figures under ``plots/``; returns the paths."""
     directory = Path(directory)
-    tables = "\n".join(f"## {metric} (%)\n\n{comparison_table(groups, metric)}" for metric in METRICS)
+    tables = "\n".join(_metric_section(groups, metric) for metric in METRICS)
+    paired = paired_tests_markdown(groups) if paired is None else paired
     plots = routing_plots(groups, directory / "plots")
     figures = "\n".join(f"- `{p.relative_to(directory)}`" for p in plots)
-    text = f"# {title}\n\n{notes}\n\n{tables}\n## Figures\n\n{figures}\n"
+    text = f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + f"## Figures\n\n{figures}\n"
     return [_write_text(directory / "results.md", text), *plots]
 
 
@@ -78,6 +136,6 @@ def ablation_report(points: Mapping[float, Sequence[RunRecord]], directory: str 
     plot = plot_ablation({v: [100 * r.result["eval"]["average"][metric] for r in rs] for v, rs in points.items()},
                          directory / "plots" / f"ablation-{name}.png", xlabel, f"average {metric} (%)",
                          f"Ablation: {xlabel}", log_x)
-    text = f"# Ablation: {xlabel}\n\n{notes}\n\n## {metric} (%)\n\n{comparison_table(groups, metric)}\n" \
+    text = f"# Ablation: {xlabel}\n\n{notes}\n\n## {_heading(groups, metric)}\n\n{comparison_table(groups, metric)}\n" \
            f"Figure: `{plot.relative_to(directory)}`\n"
     return [_write_text(directory / f"ablation-{name}.md", text), plot]

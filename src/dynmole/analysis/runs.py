@@ -1,4 +1,5 @@
-"""Reading finished runs: their ``result.json``, training log and routing statistics."""
+"""Reading finished runs: their ``result.json``, per-example predictions, training log and
+routing statistics."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..config import MoLEConfig
+from ..data import scoring_protocol
+from ..io import atomic_write
 
 RESULT_NAME = "result.json"
 LOG_NAME = "log.jsonl"
+PROBE_LOG_NAME = "routing_probe.jsonl"
+PREDICTIONS_NAME = "predictions.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -31,6 +36,24 @@ class RunRecord:
     @property
     def variant(self) -> str:
         return self.result["variant"]
+
+    @property
+    def key(self) -> str | None:
+        """The variant's key (``reproduce_profiles.VARIANTS``), None for runs that do not record it."""
+        return self.result.get("key")
+
+    @property
+    def scoring(self) -> str:
+        """The evaluation protocol, ``"cloze"`` or ``"label"`` (runs made before the rename say
+        ``"choices"``, and runs made before ``eval.scoring`` existed were cloze)."""
+        return scoring_protocol(self.result.get("eval", {}).get("scoring", "cloze"))
+
+    def predictions(self) -> dict[str, dict[str, list[Any]]] | None:
+        """Per task the run's per-example predictions (parallel lists ``id``, ``label``, ``acc``,
+        ``acc_norm``: gold and predicted choice indices), or None when the run has no
+        ``predictions.json`` (runs made before it existed)."""
+        path = self.directory / PREDICTIONS_NAME
+        return json.loads(path.read_text()) if path.is_file() else None
 
     @property
     def routing(self) -> dict[str, dict[str, Any]]:
@@ -53,6 +76,16 @@ class RunRecord:
             return []
         weight = MoLEConfig.from_dict(adapter).entropy_weight
         return [(step, value / weight) for step, value in self.log("aux_entropy")] if weight else []
+
+
+def write_predictions(directory: str | Path, predictions: Mapping[str, Mapping[str, Sequence[Any]]]) -> Path:
+    """Write a run's per-task predictions (``evaluate_tasks(..., return_predictions=True)``) to
+    ``directory/predictions.json`` atomically: compact JSON, one line per task."""
+    path = Path(directory) / PREDICTIONS_NAME
+    lines = [f"{json.dumps(task)}: {json.dumps(dict(lists), separators=(',', ':'))}" for task, lists in predictions.items()]
+    text = "{\n" + ",\n".join(lines) + "\n}\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
 
 
 def group_by_variant(records: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:

@@ -1,5 +1,6 @@
 """The comparison table in the papers' layout: methods as rows, tasks and their average as
-columns, every cell the mean ± std over seeds."""
+columns, every cell the mean ± std over seeds; from the runs' per-example predictions, the
+same cells with 95 % intervals and the paired tests of the papers' claims."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Mapping, Sequence
 
 from ..job import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
+from .significance import Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals
 
 
 def mean_std_cell(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -31,7 +33,12 @@ def table_tasks(groups: Mapping[str, Sequence[RunRecord]]) -> list[str]:
     for records in groups.values():
         for record in records:
             seen += [t for t in record.result["eval"]["tasks"] if t not in seen]
-    return [t for t in ALL_TASKS if t in seen] + [t for t in seen if t not in ALL_TASKS]
+    return paper_order(seen)
+
+
+def paper_order(tasks: Sequence[str]) -> list[str]:
+    """``tasks`` in the paper's order, then the others as given."""
+    return [t for t in ALL_TASKS if t in tasks] + [t for t in tasks if t not in ALL_TASKS]
 
 
 def comparison_table(groups: Mapping[str, Sequence[RunRecord]], metric: str = "acc_norm") -> str:
@@ -49,4 +56,79 @@ def comparison_table(groups: Mapping[str, Sequence[RunRecord]], metric: str = "a
         cells.append(mean_std_cell(experts, digits=2))
         cells.append(str(len(records)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def predictions_by_variant(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, list[Predictions]]:
+    """Per variant, its runs' predictions ordered by seed; variants with a run that has no
+    ``predictions.json`` are left out."""
+    out = {}
+    for name, records in groups.items():
+        ordered = sorted(records, key=lambda r: (r.result.get("seed") is not None, r.result.get("seed") or 0))
+        runs = [r.predictions() for r in ordered]
+        if all(run is not None for run in runs):
+            out[name] = runs
+    return out
+
+
+def interval_cell(interval: Interval, digits: int = 1) -> str:
+    """``"61.2 [58.1, 64.3]"``: the estimate and its interval in percent."""
+    return f"{100 * interval.estimate:.{digits}f} [{100 * interval.low:.{digits}f}, {100 * interval.high:.{digits}f}]"
+
+
+def interval_table(groups: Mapping[str, Sequence[RunRecord]], metric: str = "acc_norm") -> str:
+    """Markdown table of ``metric`` in percent with its 95 % interval (``accuracy_intervals``) per
+    task and on average, one row per variant whose runs have predictions, then the seeds and the
+    evaluation examples; empty when no run has predictions."""
+    runs_by_variant = predictions_by_variant(groups)
+    if not runs_by_variant:
+        return ""
+    tasks = table_tasks({name: groups[name] for name in runs_by_variant})
+    header = ["method", *tasks, "average", "seeds", "examples"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for name, runs in runs_by_variant.items():
+        per_task, average = accuracy_intervals(runs, metric)
+        cells = [interval_cell(per_task[t]) if t in per_task else "-" for t in tasks]
+        cells += [interval_cell(average), str(len(runs)), str(sum(len(lists["id"]) for lists in runs[0].values()))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def p_value_cell(p: float) -> str:
+    """``"0.012"``, or ``"< 0.001"``."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def paired_cell(result: PairedDifference) -> str:
+    """``"+3.1 [-2.0, +8.2] p 0.210"``: a difference in points, its interval and p-value."""
+    return (f"{100 * result.difference:+.1f} [{100 * result.low:+.1f}, {100 * result.high:+.1f}] "
+            f"p {p_value_cell(result.p_value)}")
+
+
+def paired_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
+    """Markdown table, one row per (claim, comparison): A, B, metric, seeds pooled, examples, the
+    difference A - B of the task-averaged accuracy in points, its 95 % interval, the bootstrap
+    p-value, the exact McNemar p-value and the verdict at 5 %."""
+    header = ["claim", "A", "B", "metric", "seeds A / B", "examples", "difference (points)", "95 % interval",
+              "p-value", "McNemar p", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 6 + "---|"]
+    for claim, c in rows:
+        cells = [claim, c.a, c.b, c.metric, f"{c.seeds_a} / {c.seeds_b}", str(c.average.examples),
+                 f"{100 * c.average.difference:+.1f}", f"[{100 * c.average.low:+.1f}, {100 * c.average.high:+.1f}]",
+                 p_value_cell(c.average.p_value), p_value_cell(c.mcnemar.p_value), c.verdict()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_task_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
+    """Markdown table of where each difference comes from: per (claim, comparison) and task, the
+    difference A - B in points, its 95 % interval and the bootstrap p-value."""
+    seen: list[str] = []
+    for _, c in rows:
+        seen += [t for t in c.tasks if t not in seen]
+    tasks = paper_order(seen)
+    lines = ["| A vs B | metric | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
+    for _, c in rows:
+        cells = [paired_cell(c.tasks[t]) if t in c.tasks else "-" for t in tasks]
+        lines.append(f"| {c.a} vs {c.b} | {c.metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

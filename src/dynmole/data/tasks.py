@@ -8,7 +8,6 @@ Harness / OLMES conventions (see ``docs/data.md``).
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -120,9 +119,12 @@ def _hellaswag(row: Row) -> Converted:
     return prompt, [_hellaswag_clean(ending) for ending in row["endings"]], int(row["label"])
 
 
+WINOGRANDE_QUESTION = "\nQuestion: Who or what fills the blank (_)?\nAnswer:"
+"""What follows the sentence in a WinoGrande prompt."""
+
+
 def _winogrande(row: Row) -> Converted:
-    prompt = f"{row['sentence']}\nQuestion: Who or what fills the blank (_)?\nAnswer:"
-    return prompt, [row["option1"], row["option2"]], int(row["answer"]) - 1
+    return f"{row['sentence']}{WINOGRANDE_QUESTION}", [row["option1"], row["option2"]], int(row["answer"]) - 1
 
 
 def _rte(row: Row) -> Converted:
@@ -251,24 +253,3 @@ def get_task(name: str) -> TaskSpec:
     except KeyError:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
-
-def multiple_choice_prompt(example: Example) -> tuple[str, list[str]]:
-    """A lettered multiple-choice prompt and its label continuations, for label-token scoring.
-
-    The cloze prompt's trailing ``"\\nAnswer:"`` (if any) is replaced by the lettered options::
-
-        Question: ...
-        A. first option
-        B. second option
-        Answer:
-
-    Returns:
-        ``(prompt, [" A", " B", ...])``; the gold continuation is at ``example.label``.
-    """
-    options = example.options or tuple(choice.strip() for choice in example.choices)
-    if len(options) > len(string.ascii_uppercase):
-        raise ValueError(f"{example.id}: {len(options)} options is more than letters A-Z")
-    letters = string.ascii_uppercase[: len(options)]
-    stem = example.prompt.removesuffix("\nAnswer:").rstrip()
-    lines = [f"{letter}. {option}" for letter, option in zip(letters, options)]
-    return "\n".join([stem, *lines, "Answer:"]), [f" {letter}" for letter in letters]

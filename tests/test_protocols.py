@@ -1,0 +1,126 @@
+"""Every entry point trains on the format its evaluation protocol scores (``JobConfig.scoring``),
+and records the protocol; ``choices`` is still read as ``cloze``."""
+
+import json
+
+import pytest
+import torch
+
+import dynmole.data
+import dynmole.pretrained
+import dynmole.train
+from dynmole import cli, job, reproduce
+from dynmole.data import Example, format_examples
+
+FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot")]
+
+
+def _examples(task: str, n: int) -> list[Example]:
+    out = []
+    for i in range(n):
+        prompt, right, wrong = FACTS[i % len(FACTS)]
+        choices = (right, wrong) if i % 2 == 0 else (wrong, right)
+        out.append(Example(f"{task}/{i}", task, f"question : {prompt} ?\nAnswer:", choices, i % 2))
+    return out
+
+
+TRAIN = _examples("arc_e", 4) + _examples("boolq", 4)
+EVAL = {"arc_e": _examples("arc_e", 3), "boolq": _examples("boolq", 3)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trained(monkeypatch, tiny_llama, tiny_tokenizer):
+    """Replaces model loading, data loading and training (which records the examples it gets)."""
+    seen: list[list[Example]] = []
+
+    def fake_train(model, tokenizer, examples, config, *args, **kwargs):
+        seen.append(list(examples))
+        return model, {"steps": 0, "examples": len(examples), "train_loss": 0.0}
+
+    load = lambda *args, **kwargs: (tiny_llama(), tiny_tokenizer)  # noqa: E731
+    for module in (job, dynmole.pretrained):
+        monkeypatch.setattr(module, "load_model_and_tokenizer", load)
+    for module in (job, dynmole.data):
+        monkeypatch.setattr(module, "load_mixture", lambda *args, **kwargs: list(TRAIN))
+    monkeypatch.setattr(job, "load_examples", lambda task, *args, **kwargs: EVAL[task])
+    monkeypatch.setattr(job, "train", fake_train)
+    monkeypatch.setattr(dynmole.train, "train", fake_train)
+    monkeypatch.setattr(reproduce, "train", fake_train)
+    return seen
+
+
+def _job_argv(tmp_path, scoring: str) -> list[str]:
+    return ["--method", "lora", "--tasks", "arc_e,boolq", "--r", "2", "--output-dir", str(tmp_path),
+            "--scoring", scoring]
+
+
+@pytest.mark.parametrize("scoring", ["cloze", "label"])
+def test_run_trains_on_the_evaluated_format(tmp_path, trained, scoring):
+    job_config, train_config, mole = cli.job_configs(["run", *_job_argv(tmp_path, scoring)])
+    job.run_job(job_config, train_config, mole)
+    assert trained == [format_examples(TRAIN, scoring)]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["metadata"]["scoring"] == scoring and saved["metadata"]["job"]["scoring"] == scoring
+    assert {run["scoring"] for run in saved["results"].values()} == {scoring}
+    assert f"## acc (%, {scoring}: " in (tmp_path / "results.md").read_text()
+
+
+def test_train_command_trains_on_the_label_format(tmp_path, trained):
+    cli.main(["train", *_job_argv(tmp_path, "label")])
+    assert trained == [format_examples(TRAIN, "label")]
+    assert trained[0][0].prompt.startswith("Please choose the correct answer") and trained[0][0].answer == " A"
+
+
+def test_reproduce_trains_on_the_label_format(tmp_path, trained, tiny_llama, tiny_tokenizer):
+    inputs = reproduce.Inputs(load_model=lambda: (tiny_llama(), tiny_tokenizer), train_examples=lambda seed: TRAIN,
+                              eval_examples=EVAL, description="toy")
+    argv = ["--profile", "tiny", "--methods", "lora", "--seeds", "0", "--set", "scoring=label",
+            "--output-dir", str(tmp_path)]
+    assert reproduce.main(argv, inputs=inputs) == 0
+    assert trained == [format_examples(TRAIN, "label")]
+    for run in ("base", "lora/seed0"):
+        result = json.loads((tmp_path / "runs" / run / "result.json").read_text())
+        assert result["eval"]["scoring"] == result["job"]["scoring"] == "label"
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## acc (%, label: " in markdown and "## acc_norm (%, label: same as acc)" in markdown
+
+
+def test_choices_in_a_config_file_still_runs_as_cloze(tmp_path, trained):
+    config = tmp_path / "old.yaml"
+    config.write_text("method: lora\ntasks: [arc_e, boolq]\nr: 2\nscoring: choices\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    job_config, train_config, mole = cli.job_configs(["run", "--config", str(config)])
+    assert job_config.scoring == "cloze"
+    job.run_job(job_config, train_config, mole)
+    assert trained == [TRAIN]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["metadata"]["scoring"] == "cloze"
+    with pytest.raises(SystemExit, match="unknown scoring 'letters'"):
+        cli.job_configs(["run", "--scoring", "letters"])
+
+
+def test_old_runs_recorded_as_choices_read_as_cloze(tmp_path):
+    from dynmole.analysis import RunRecord
+
+    (tmp_path / "result.json").write_text(json.dumps({"variant": "LoRA", "eval": {"scoring": "choices"}}))
+    assert RunRecord.read(tmp_path).scoring == "cloze"
+
+
+def test_a_finished_run_recorded_as_choices_is_not_reported_as_changed(tmp_path):
+    from dynmole.analysis import RunRecord
+    from dynmole.reproduce_profiles import PROFILES, VARIANTS
+
+    (spec,) = reproduce.plan(PROFILES["tiny"], [VARIANTS["lora"]], [0], {}, tmp_path, eval_base=False)
+    result = json.loads(json.dumps(reproduce._settings_record(spec)))
+    assert result["job"]["scoring"] == "cloze"
+    result["job"]["scoring"] = "choices"
+    assert reproduce.changed_settings(spec, RunRecord(tmp_path, result)) == []
+    result["job"]["scoring"] = "label"
+    assert reproduce.changed_settings(spec, RunRecord(tmp_path, result)) == ["job.scoring"]

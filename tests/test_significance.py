@@ -1,0 +1,205 @@
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+
+from dynmole.analysis import RunRecord, grid_report, group_by_variant, interval_table, paired_tests_markdown
+from dynmole.analysis import significance as sig
+from dynmole.analysis.runs import write_predictions
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "mini" / "runs"
+
+
+def _run(correct_by_task, label=1, choices=4):
+    """Predictions of one run: per task, a list of 0/1 (right or wrong) per example; the ids are
+    ``task/i`` and a wrong answer picks the next choice."""
+    return {
+        task: {"id": [f"{task}/{i}" for i in range(len(flags))], "label": [label] * len(flags),
+               "acc": [label if ok else (label + 1) % choices for ok in flags],
+               "acc_norm": [label if ok else (label + 1) % choices for ok in flags]}
+        for task, flags in correct_by_task.items()
+    }
+
+
+def _random_run(rate, n, seed, tasks=("arc_e", "piqa")):
+    rng = np.random.default_rng(seed)
+    return _run({task: (rng.random(n) < rate).astype(int).tolist() for task in tasks})
+
+
+@pytest.mark.parametrize("k, n", [(7, 10), (0, 12), (12, 12), (31, 64), (640, 1000)])
+def test_wilson_interval_matches_scipy(k, n):
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert sig.wilson_interval(k, n) == pytest.approx((expected.low, expected.high), abs=1e-12)
+
+
+def test_wilson_interval_hand_computed_and_used_for_one_seed():
+    # p = 0.7, n = 10, z = 1.959964: centre = (0.7 + z^2/20) / (1 + z^2/10),
+    # half = z sqrt(0.021 + z^2/400) / (1 + z^2/10)
+    assert sig.wilson_interval(7, 10) == pytest.approx((0.396778, 0.892209), abs=1e-6)
+    tasks, average = sig.accuracy_intervals([_run({"arc_e": [1] * 7 + [0] * 3})], "acc")
+    assert (tasks["arc_e"].low, tasks["arc_e"].high) == pytest.approx((0.396778, 0.892209), abs=1e-6)
+    assert tasks["arc_e"].estimate == average.estimate == pytest.approx(0.7)
+    assert average.low <= 0.7 <= average.high  # the average's interval is a bootstrap, even for one seed
+
+
+def test_interval_over_seeds_bootstraps_seed_averaged_examples():
+    runs = [_random_run(0.6, 300, seed) for seed in range(3)]
+    tasks, average = sig.accuracy_intervals(runs, "acc_norm")
+    for task in ("arc_e", "piqa"):
+        mean = np.mean([np.mean(np.array(r[task]["acc_norm"]) == 1) for r in runs])
+        assert tasks[task].estimate == pytest.approx(mean)
+        assert tasks[task].low < mean < tasks[task].high and tasks[task].high - tasks[task].low < 0.15
+    assert average.estimate == pytest.approx(np.mean([t.estimate for t in tasks.values()]))
+    # Three seeds of the same examples vary less than one seed: narrower than that seed's Wilson interval.
+    assert average.high - average.low < tasks["arc_e"].high - tasks["arc_e"].low
+    assert sig.accuracy_intervals(runs, "acc_norm") == (tasks, average)  # seeded: reproducible
+
+
+def test_paired_bootstrap_detects_a_clear_difference():
+    a = [_run({"arc_e": [1] * 70 + [0] * 30, "piqa": [1] * 65 + [0] * 35})]
+    b = [_run({"arc_e": [1] * 40 + [0] * 60, "piqa": [1] * 35 + [0] * 65})]
+    result = sig.paired_comparison(a, b, "acc", ("DynMoLE", "LoRA"))
+    assert result.average.difference == pytest.approx(0.30)
+    assert result.average.p_value < 0.01 and 0 < result.average.low < 0.30 < result.average.high
+    assert result.verdict() == "DynMoLE > LoRA" and result.average.examples == 200
+    assert result.tasks["arc_e"].difference == pytest.approx(0.30) and result.tasks["arc_e"].p_value < 0.01
+    assert (result.mcnemar.a_only, result.mcnemar.b_only) == (60, 0) and result.mcnemar.p_value < 1e-15
+    flipped = sig.paired_comparison(b, a, "acc", ("LoRA", "DynMoLE"))
+    assert flipped.average.difference == pytest.approx(-0.30) and flipped.verdict() == "DynMoLE > LoRA"
+
+
+def test_identical_predictions_give_no_difference():
+    runs = [_random_run(0.6, 80, seed) for seed in range(2)]
+    result = sig.paired_comparison(runs, runs, "acc_norm", ("A", "B"))
+    assert result.average.difference == 0 and result.average.p_value == 1.0
+    assert (result.average.low, result.average.high) == (0.0, 0.0)
+    assert result.mcnemar.p_value == 1.0 and result.verdict() == "no difference detected at 5 %"
+    assert all(t.p_value == 1.0 for t in result.tasks.values())
+
+
+def test_small_noisy_difference_is_not_declared():
+    a = [_run({"arc_e": [1] * 33 + [0] * 31})]
+    b = [_run({"arc_e": [0] * 2 + [1] * 29 + [0] * 31 + [1] * 2})]  # 31 right; 2 + 4 discordant examples
+    result = sig.paired_comparison(a, b, "acc")
+    assert result.average.low < 0 < result.average.high and result.average.p_value > 0.3
+    assert result.verdict() == "no difference detected at 5 %"
+
+
+def test_statistic_averages_tasks_and_seeds_and_allows_other_seed_counts():
+    # arc_e (10 examples): A always right, B always wrong; piqa (100): the same predictions.
+    # Task average: (1 + 0) / 2 = 0.5, not the pooled 10 / 110.
+    same = [1, 0] * 50
+    a = [_run({"arc_e": [1] * 10, "piqa": same}), _run({"arc_e": [1] * 5 + [0] * 5, "piqa": same})]
+    b = [_run({"arc_e": [0] * 10, "piqa": same})]
+    result = sig.paired_comparison(a, b, "acc")
+    assert result.tasks["arc_e"].difference == pytest.approx(0.75)  # A's seeds average 0.75 per example
+    assert result.tasks["piqa"].difference == 0
+    assert result.average.difference == pytest.approx(0.375) and (result.seeds_a, result.seeds_b) == (2, 1)
+    assert result.mcnemar.a_only == 10  # only the first seed of A is paired with B's one seed
+
+
+def test_b_is_aligned_to_a_by_id():
+    a = [_run({"arc_e": [1, 1, 0, 0]})]
+    b = {task: {key: values[::-1] for key, values in lists.items()} for task, lists in a[0].items()}
+    result = sig.paired_comparison(a, [b], "acc")
+    assert result.average.difference == 0 and result.mcnemar.a_only == result.mcnemar.b_only == 0
+
+
+@pytest.mark.parametrize("k, n", [(0, 0), (0, 7), (3, 20), (10, 20), (13, 20), (41, 100), (100, 230)])
+def test_exact_binomial_p_matches_scipy(k, n):
+    expected = 1.0 if n == 0 else binomtest(k, n, 0.5).pvalue
+    assert sig.binomial_two_sided_p(k, n) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mcnemar_counts_discordant_pairs_over_seeds():
+    rng = np.random.default_rng(5)
+    a, b = (rng.random((3, 200)) < p for p in (0.6, 0.5))
+    result = sig.mcnemar_exact(a.astype(float), b.astype(float))
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    assert (result.a_only, result.b_only) == (a_only, b_only) and a_only > b_only > 0
+    assert result.p_value == pytest.approx(binomtest(a_only, a_only + b_only, 0.5).pvalue, rel=1e-9)
+
+
+def test_mismatched_examples_are_refused():
+    a = [_run({"arc_e": [1, 0, 1], "piqa": [1, 1]})]
+    other_ids = _run({"arc_e": [1, 0, 1], "piqa": [1, 1]})
+    other_ids["piqa"]["id"] = ["piqa/0", "piqa/9"]
+    with pytest.raises(ValueError, match=r"task 'piqa': DynMoLE vs LoRA: not evaluated on the same examples"):
+        sig.paired_comparison(a, [other_ids], "acc", ("DynMoLE", "LoRA"))
+    with pytest.raises(ValueError, match="DynMoLE and LoRA were evaluated on different tasks"):
+        sig.paired_comparison(a, [_run({"arc_e": [1, 0, 1]})], "acc", ("DynMoLE", "LoRA"))
+    with pytest.raises(ValueError, match=r"task 'arc_e', LoRA runs 0 and 1"):  # the seeds of one variant too
+        sig.paired_comparison(a, [a[0], _run({"arc_e": [1, 0], "piqa": [1, 1]})], "acc", ("DynMoLE", "LoRA"))
+    twice = _run({"arc_e": [1, 0, 1], "piqa": [1, 1]})
+    twice["arc_e"]["id"][1] = "arc_e/0"
+    with pytest.raises(ValueError, match="occurs twice"):
+        sig.paired_comparison(a, [twice], "acc")
+
+
+def test_bootstrap_is_seeded_and_chunking_does_not_change_it(monkeypatch):
+    values = np.random.default_rng(0).random(50)
+    first = sig.stratified_bootstrap({"arc_e": values}, 500, seed=3)["arc_e"]
+    monkeypatch.setattr(sig, "_DRAWS_PER_CHUNK", 7 * 50)
+    assert np.array_equal(sig.stratified_bootstrap({"arc_e": values}, 500, seed=3)["arc_e"], first)
+    assert not np.array_equal(sig.stratified_bootstrap({"arc_e": values}, 500, seed=4)["arc_e"], first)
+    # A task's draws do not depend on the other tasks compared with it.
+    both = sig.stratified_bootstrap({"piqa": values[::-1], "arc_e": values}, 500, seed=3)
+    assert np.array_equal(both["arc_e"], first)
+
+
+def _write_run(root, key, name, seed, predictions):
+    directory = root / "runs" / key / f"seed{seed}"
+    directory.mkdir(parents=True)
+    tasks = {t: {m: float(np.mean(np.array(p[m]) == np.array(p["label"]))) for m in ("acc", "acc_norm")}
+             for t, p in predictions.items()}
+    for t in tasks:
+        tasks[t]["n"] = len(predictions[t]["id"])
+    average = {m: float(np.mean([v[m] for v in tasks.values()])) for m in ("acc", "acc_norm")}
+    result = {"variant": name, "key": key, "seed": seed, "trainable_params": 1000, "routing": {},
+              "eval": {"tasks": tasks, "average": average, "scoring": "cloze"}}
+    (directory / "result.json").write_text(json.dumps(result))
+    write_predictions(directory, predictions)
+    return RunRecord.read(directory)
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # no training logs: an empty loss figure
+def test_report_writes_intervals_and_paired_tests(tmp_path):
+    good = {"arc_e": [1] * 80 + [0] * 20, "piqa": [1] * 75 + [0] * 25}
+    poor = {"arc_e": [1] * 45 + [0] * 55, "piqa": [0] * 60 + [1] * 40}
+    records = [_write_run(tmp_path, "lora", "LoRA", s, _run(poor)) for s in (0, 1)]
+    records += [_write_run(tmp_path, "dynmole", "DynMoLE", s, _run(good)) for s in (0, 1)]
+    records += [_write_run(tmp_path, "mola", "MoLA (top-2)", 0, _run(good))]
+    groups = group_by_variant(records)
+    assert json.loads((tmp_path / "runs/lora/seed0/predictions.json").read_text()) == _run(poor)
+
+    intervals = interval_table(groups, "acc").splitlines()
+    assert intervals[0] == "| method | arc_e | piqa | average | seeds | examples |"
+    assert intervals[2].startswith("| LoRA | 45.0 [") and intervals[2].endswith("| 2 | 200 |")
+    assert re.fullmatch(r"\| MoLA \(top-2\) \| 80\.0 \[71\.1, 86\.7\] \| 75\.0 \[\d+\.\d, \d+\.\d\] \| "
+                        r"77\.5 \[\d+\.\d, \d+\.\d\] \| 1 \| 200 \|", intervals[4]), intervals[4]
+
+    markdown = paired_tests_markdown(groups)
+    rows = [line for line in markdown.splitlines() if line.startswith("| DynMoLE beats")]
+    # DynMoLE > MoLA and DynMoLE > LoRA (x 2 metrics); no LoRAMoE, so "LoRAMoE beats LoRA" is left out.
+    assert len(rows) == 4 and "LoRAMoE" not in markdown
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert cells[:6] == ["DynMoLE beats LoRA", "DynMoLE", "LoRA", "acc_norm", "2 / 2", "200"]
+    assert cells[6] == "+35.0" and cells[8] == "< 0.001" and cells[10] == "DynMoLE > LoRA"
+    assert re.fullmatch(r"\[\+\d+\.\d, \+\d+\.\d\]", cells[7])
+    mola = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
+    assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
+
+    grid_report(groups, tmp_path, "Comparison")
+    text = (tmp_path / "results.md").read_text()
+    assert "### 95 % intervals: acc_norm" in text and markdown in text
+
+
+def test_runs_without_predictions_keep_working():
+    records = [RunRecord.read(COMMITTED / key / "seed0") for key in ("lora", "dynmole")]
+    assert all(r.predictions() is None for r in records)
+    groups = group_by_variant(records)
+    assert interval_table(groups) == "" and paired_tests_markdown(groups) == ""
