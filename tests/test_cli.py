@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dynmole import cli
 
@@ -76,3 +77,25 @@ def test_peft_method_keeps_mole_defaults():
 def test_demo_defaults_are_bounded():
     job, train, _ = cli.job_configs(["demo"])
     assert train.max_steps > 0 and job.train_limit and job.eval_limit
+
+
+def test_train_seed_fixes_the_adapter_initialisation(tiny_llama, tiny_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    rows = [{"id": f"q{i}", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
+             "task": "toy"} for i in range(4)]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    adapters = []
+    for run in ("a", "b"):  # in one process: the first run leaves the global RNG elsewhere
+        out = tmp_path / run
+        cli.main(["train", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--method", "dynmole",
+                  "--r", "2", "--num-experts", "2", "--max-steps", "1", "--batch-size", "2", "--lr", "0",
+                  "--warmup-ratio", "0", "--seed", "1", "--report-to", "none", "--output-dir", str(out)])
+        adapters.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    for key, tensor in adapters[0].items():
+        assert torch.equal(tensor, adapters[1][key]), key

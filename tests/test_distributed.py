@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -57,3 +58,62 @@ def test_two_processes_match_one(tmp_path):
         assert abs(a["aux_entropy"] - b["aux_entropy"]) < 1e-4
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
     assert single[-1]["loss"] < single[0]["loss"]
+
+
+REMOLE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import torch.distributed as dist
+    import conftest
+    from dynmole import MoLEConfig, get_mole_model
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    base = conftest.tiny_llama.__wrapped__()(seed=0)
+    config = MoLEConfig(method="remole", r=2, dropout=0.0, relu_target_k=2.0, relu_l1_init=1e-3)
+    model = get_mole_model(base, config).train()
+    with torch.no_grad():
+        for layer in model.mole_layers():
+            if rank == 1:
+                layer.router.zero_()  # relu(0): no expert open on this rank
+            else:
+                layer.router.normal_(std=1.0)  # about half of the 6 experts open
+    torch.manual_seed(rank)
+    ids = torch.randint(0, 96, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    active = model.last_aux_losses["active_experts"].reshape(1)
+    model.update_remole_coefficient()
+    actives = [torch.zeros(1) for _ in range(2)]
+    coefficients = [torch.zeros(()) for _ in range(2)]
+    dist.all_gather(actives, active)
+    dist.all_gather(coefficients, model.relu_l1_coef.detach())
+    if rank == 0:
+        json.dump({{"active": [float(a) for a in actives], "coef": [float(c) for c in coefficients]}},
+                  open(sys.argv[1], "w"))
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.slow
+def test_remole_coefficient_is_updated_identically_on_every_rank(tmp_path):
+    script = tmp_path / "remole.py"
+    script.write_text(REMOLE_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port: other test runs may share the machine
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), str(tmp_path / "out.json")],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    active = out["active"]
+    assert active[0] > 2.0 and active[1] == 0.0  # alone, rank 0 would raise its coefficient
+    mean = sum(active) / 2
+    expected = 1e-3 * 1.2 ** ((mean > 2.0) - (mean < 2.0))
+    assert out["coef"][0] == out["coef"][1] == pytest.approx(expected, rel=1e-6)

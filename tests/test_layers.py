@@ -72,3 +72,43 @@ def test_low_precision_inputs(dtype):
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank r must be >= 1"):
         MoLELinear(nn.Linear(4, 4), 2, 0, 1.0, 0.0, _soft_gate)
+
+
+def test_router_dropout_switch_feeds_the_dropped_input_to_the_router():
+    seen = []
+
+    def recording_gate(logits, hidden):
+        seen.append((logits, hidden))
+        return RouteResult(gates=routing.soft(logits))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 10) + 3.0  # no exact zeros
+    for switch in (False, True):
+        layer = MoLELinear(nn.Linear(10, 7), 3, 2, 4, 0.5, recording_gate, router_dropout=switch).train()
+        seen.clear()
+        layer(x)
+        logits, hidden = seen[0]
+        if switch:  # the experts' dropout mask, applied to the router's and the lambda MLP's input
+            kept = hidden != 0
+            assert (~kept).any() and kept.any()
+            torch.testing.assert_close(hidden[kept], 2 * x[kept])  # inverted dropout at p = 0.5
+            torch.testing.assert_close(logits, layer.router_logits(hidden))
+        else:
+            assert torch.equal(hidden, x)
+        layer.eval()
+        seen.clear()
+        layer(x)
+        assert torch.equal(seen[0][1], x)  # no dropout at inference either way
+    assert MoLEConfig(method="ldmole").router_sees_dropout
+    assert not MoLEConfig(method="dynmole").router_sees_dropout
+    assert not MoLEConfig(method="ldmole", router_dropout=False).router_sees_dropout
+
+
+def test_router_init_kaiming_or_normal():
+    torch.manual_seed(0)
+    d_in = 64
+    kaiming = MoLELinear(nn.Linear(d_in, 8), 6, 2, 4, 0.0, _soft_gate, router_init_std=None)
+    bound = 1 / d_in**0.5  # nn.Linear's default: kaiming_uniform(a=sqrt(5))
+    assert kaiming.router.abs().max() <= bound and kaiming.router.std() > 0.8 * bound / 3**0.5
+    normal = MoLELinear(nn.Linear(d_in, 8), 6, 2, 4, 0.0, _soft_gate, router_init_std=0.02)
+    assert 0.015 < normal.router.std() < 0.025

@@ -10,13 +10,13 @@ from dynmole.layers import MoLELinear
 METHODS = list(dynmole.METHODS)
 
 
-def _randomise_adapter(model):
+def _randomise_adapter(model, router_std=1.0):
     """Make the adapter non-trivial (B starts at zero)."""
     torch.manual_seed(123)
     with torch.no_grad():
         for layer in model.mole_layers():
             layer.lora_B.normal_(std=0.5)
-            layer.router.normal_(std=1.0)
+            layer.router.normal_(std=router_std)
 
 
 def _batch(vocab=96):
@@ -56,8 +56,13 @@ def test_save_load_round_trip(tiny_llama, tmp_path, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_adapter_only(tiny_llama, method):
     ids, mask = _batch()
-    model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=4, alpha=8, lambda_hidden=8, dropout=0.0))
-    _randomise_adapter(model)
+    # lambda_bias_init=None: the reference's -2.5 bias leaves a tiny model's lambda-MLP hidden units
+    # all inactive at init (only fc2's bias learns then), see test_ldmole_reference_lambda_init
+    config = MoLEConfig(method=method, r=4, alpha=8, lambda_hidden=8, dropout=0.0, lambda_bias_init=None)
+    model = get_mole_model(tiny_llama(), config)
+    # a router of std 1 gives Sparsegen one expert per token, where neither the gates nor LD-MoLE's
+    # balance loss (hard counts x mean gate) depend on the router: no gradient, as in the reference
+    _randomise_adapter(model, router_std=0.1 if method == "ldmole" else 1.0)
     model.train()
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     out.loss.backward()
@@ -223,3 +228,123 @@ def test_inference_mode_and_isinstance(tiny_llama):
     assert out.logits.shape == (2, 9, 96)
     assert all(isinstance(m, MoLELinear) for m in model.mole_layers())
     assert model.config.vocab_size == 96  # attribute forwarded to the base model
+
+
+def test_new_layers_take_the_wrapped_models_mode_and_loading_gives_eval(tiny_llama, tmp_path):
+    ids, mask = _batch()
+    config = MoLEConfig(method="dynmole", r=4, alpha=8, dropout=0.5)
+    model = get_mole_model(tiny_llama(), config)  # from an eval-mode model (as from_pretrained gives)
+    assert not any(m.training for m in model.modules())
+    _randomise_adapter(model)
+    first = model(input_ids=ids, attention_mask=mask, labels=ids)  # grad enabled, eval mode
+    second = model(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(first.logits, second.logits, rtol=0, atol=0)  # adapter dropout off
+    assert model.last_aux_losses == {}  # no aux losses outside training
+    training = get_mole_model(tiny_llama().train(), config)
+    assert all(m.training for m in training.modules())
+    model.save_pretrained(tmp_path)
+    restored = load_mole_model(tiny_llama().train(), tmp_path)
+    assert not any(m.training for m in restored.modules())
+    out = restored(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out.logits, first.logits, rtol=0, atol=0)
+    assert restored.last_aux_losses == {}
+
+
+def test_old_adapter_config_loads_with_the_behaviour_it_was_trained_with(tiny_llama, tmp_path):
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="ldmole", r=4, lambda_hidden=8))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert data["format_version"] == 2 and data["entropy_eps"] == 1e-5
+    for key in ("entropy_eps", "balance_pooling", "router_dropout", "lambda_bias_init"):
+        del data[key]
+    path.write_text(json.dumps({**data, "format_version": 1, "balance_coef": 0.001, "balance_mode": "soft",
+                                "router_init_std": 0.02}))
+    config = load_mole_model(tiny_llama(), tmp_path).mole_config
+    assert config.entropy_eps == 0.0 and config.balance_pooling == "module"
+    assert config.router_dropout is False and config.lambda_bias_init is None
+    assert config.balance_weight == 1e-3 and config.balance_rule == "soft" and config.router_init == 0.02
+
+
+def test_router_init_follows_the_method_reference(tiny_llama):
+    bound = 1 / 32**0.5  # kaiming-uniform (a = sqrt(5)) on the hidden width 32
+    for method in ("dynmole", "loramoe", "mola", "topp", "ldmole"):
+        model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=2, lambda_hidden=8))
+        router = next(model.mole_layers()).router
+        assert router.abs().max() <= bound and router.std() > 0.7 * bound / 3**0.5, method
+    remole = next(get_mole_model(tiny_llama(), MoLEConfig(method="remole", r=2)).mole_layers()).router
+    assert remole.std() < 0.03
+    explicit = get_mole_model(tiny_llama(), MoLEConfig(method="loramoe", r=2, router_init_std=0.3))
+    assert next(explicit.mole_layers()).router.std() > 0.2
+
+
+def test_ldmole_reference_lambda_init(tiny_llama):
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="ldmole", r=2, lambda_hidden=8))
+    for mlp in model.lambda_mlps.values():
+        assert (mlp.fc1.bias == -2.5).all() and (mlp.fc2.bias == -2.5).all()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert "balance" in model.last_aux_losses  # LD-MoLE's own balance loss, coefficient 1
+    # initial lambda about logsigmoid(-2.5) + 0.99 = -1.6 (nn.Linear's default init gives about 0.25)
+    model.recorder.active = True  # what a training forward records, without the losses
+    with torch.no_grad():
+        model.base_model(input_ids=ids, attention_mask=mask)
+    model.recorder.active = False
+    lam = torch.cat([record.route.lam.flatten() for record in model.recorder.take()])
+    assert -1.8 < lam.mean().item() < -1.4
+
+
+def _remole_model(tiny_llama, **kwargs):
+    config = MoLEConfig(method="remole", r=4, alpha=8, dropout=0.0, relu_target_k=2.0, relu_l1_init=1e-3, **kwargs)
+    return get_mole_model(tiny_llama(), config).train()
+
+
+def test_remole_coefficient_updates_once_per_optimizer_step(tiny_llama):
+    ids, mask = _batch()
+    model = _remole_model(tiny_llama)
+    initial = model.relu_l1_coef.clone()
+    active = []
+    for _ in range(3):  # three micro-batches of one optimizer step
+        model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+        active.append(model.last_aux_losses["active_experts"])
+        torch.testing.assert_close(model.relu_l1_coef, initial, rtol=0, atol=0)
+    model.update_remole_coefficient()
+    mean = torch.stack(active).mean()
+    expected = initial * 1.2 ** torch.sign(mean - 2.0)
+    torch.testing.assert_close(model.relu_l1_coef, expected, rtol=1e-6, atol=0)
+    model.update_remole_coefficient()  # nothing ran since: unchanged
+    torch.testing.assert_close(model.relu_l1_coef, expected, rtol=0, atol=0)
+    get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=2)).update_remole_coefficient()  # a no-op
+
+
+def test_remole_coefficient_all_reduces_the_statistic(tiny_llama, monkeypatch):
+    import dynmole.model as model_module
+
+    ids, mask = _batch()
+    model = _remole_model(tiny_llama)
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    local = model.last_aux_losses["active_experts"]
+    initial = model.relu_l1_coef.clone()
+
+    class TwoRanks:  # the other rank ran 3 micro-batches with no active expert at all
+        @staticmethod
+        def is_available():
+            return True
+
+        @staticmethod
+        def is_initialized():
+            return True
+
+        @staticmethod
+        def get_world_size():
+            return 2
+
+        @staticmethod
+        def all_reduce(tensor):
+            tensor.add_(torch.tensor([0.0, 3.0]))
+
+    monkeypatch.setattr(model_module, "dist", TwoRanks)
+    model.update_remole_coefficient()
+    expected = initial * 1.2 ** torch.sign(local / 4 - 2.0)  # the mean over both ranks' 4 micro-batches
+    torch.testing.assert_close(model.relu_l1_coef, expected, rtol=1e-6, atol=0)

@@ -197,3 +197,31 @@ def test_mini_dry_run_fits_two_hours(tmp_path, capsys):
     runs = 1 + len(VARIANTS) * len(PROFILES["mini"].seeds)
     estimate = re.search(rf"{runs} of {runs} runs to do: about ([\d.]+) h", out)
     assert estimate and float(estimate.group(1)) <= 2.0, out
+
+
+def _trainable_on_smollm2_shape(method, fields):
+    """Trainable parameters of ``method`` on a SmolLM2-135M-shaped Llama, built on the meta device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dynmole import MoLEConfig
+    from dynmole.train import adapt_model
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    adapter = {k: v for k, v in fields.items() if k in ("num_experts", "r", "alpha", "target_modules")}
+    adapted = adapt_model(model, method, MoLEConfig(**adapter))
+    return sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def test_paper_profile_matches_budgets_and_paper_literal_keeps_the_written_ranks():
+    paper, literal = PROFILES["paper"], PROFILES["paper-literal"]
+    mole = _trainable_on_smollm2_shape("dynmole", paper.settings)
+    assert mole == 27_855_360  # 6 experts x r=24 on gate/up/down, routers included
+    for method in ("lora", "dora"):
+        peft = _trainable_on_smollm2_shape(method, {**paper.settings, **paper.peft})
+        assert abs(peft / mole - 1) < 0.005, (method, peft, mole)
+    assert literal.settings == paper.settings and (literal.peft["r"], literal.peft["alpha"]) == (80, 160.0)
+    lora_80 = _trainable_on_smollm2_shape("lora", {**literal.settings, **literal.peft})
+    assert lora_80 == 15_206_400 and mole / lora_80 > 1.8

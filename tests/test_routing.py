@@ -164,3 +164,76 @@ def test_relu_gates_and_l1_coefficient():
     coef = torch.tensor(1.0)
     assert routing.update_l1_coefficient(coef, torch.tensor(3.0), 2.0, 1.2).item() == pytest.approx(1.2)
     assert routing.update_l1_coefficient(coef, torch.tensor(1.0), 2.0, 1.2).item() == pytest.approx(1 / 1.2)
+
+
+def test_hybrid_ties_take_one_sort_order():
+    # exactly tied probabilities: the reference code takes the top-p set and the keep-top-k
+    # floor from one sort, so the union is a prefix of max(k, |top-p set|) experts
+    logits = torch.tensor([[1.0, 1, 1, 1, 0, 0]])
+    kept = routing.dynamic(logits, threshold=None, top_p=0.75, keep_top_k=2, top_p_mode="reference") > 0
+    assert kept.sum().item() == 3
+    kept = routing.dynamic(logits, threshold=None, top_p=0.75, keep_top_k=2, top_p_mode="paper") > 0
+    assert kept.sum().item() == 4
+    # many ties: the sparse branch keeps exactly max(keep_top_k, |top-p set|) experts
+    torch.manual_seed(0)
+    tied = torch.randint(0, 3, (400, 6)).float()
+    probs = torch.softmax(tied, -1)
+    for mode in ("paper", "reference"):
+        for k in (1, 2, 3):
+            gates, _ = routing.dynamic_route(tied, threshold=None, top_p=0.6, keep_top_k=k, top_p_mode=mode)
+            expected = routing.top_p_mask(probs, 0.6, mode).sum(-1).clamp_min(k)
+            assert torch.equal((gates > 0).sum(-1), expected), (mode, k)
+
+
+def test_top_p_floor_ties_take_one_sort_order():
+    # the reference rule keeps the first sorted expert alone; the top-1 floor must not add another tied one
+    logits = torch.tensor([[1.0, 1, 1, 1, 0, 0]])
+    kept = routing.top_p(logits, 0.3, mode="reference") > 0
+    assert kept.sum().item() == 1
+    torch.manual_seed(1)
+    tied = torch.randint(0, 2, (400, 6)).float()
+    expected = routing.top_p_mask(torch.softmax(tied, -1), 0.3, "reference").sum(-1).clamp_min(1)
+    assert torch.equal((routing.top_p(tied, 0.3, mode="reference") > 0).sum(-1), expected)
+
+
+def test_threshold_one_is_never_soft():
+    uniform = torch.zeros(4, 6)  # normalised entropy 1 (+ rounding: 1 + 1.2e-7) with eps = 0
+    for eps in ({}, {"eps": 0.0}, {"eps": 1e-5}):
+        gates, soft = routing.dynamic_route(uniform, threshold=1.0, top_p=0.5, keep_top_k=2, **eps)
+        assert not soft.any()
+        assert ((gates > 0).sum(-1) == 3).all()
+
+
+def test_entropy_eps_is_the_reference_default_and_moves_the_decision():
+    import inspect
+
+    from dynmole import MoLEConfig
+    from dynmole.gating import build_gate_fn
+
+    assert inspect.signature(routing.dynamic_route).parameters["eps"].default == 1e-5
+    assert MoLEConfig().entropy_eps == 1e-5
+    # near-uniform routers sit right at the threshold: eps = 1e-5 lowers their entropy below it
+    torch.manual_seed(0)
+    logits = torch.randn(2000, 6) * 0.05
+    probs = torch.softmax(logits, -1)
+    plain = tsallis_entropy(probs, q=1.1)
+    with_eps = tsallis_entropy(probs, q=1.1, eps=1e-5)
+    threshold = float(plain.median())
+    _, soft_ref = routing.dynamic_route(logits, threshold=threshold, eps=1e-5)
+    _, soft_paper = routing.dynamic_route(logits, threshold=threshold, eps=0.0)
+    assert torch.equal(soft_ref, with_eps > threshold) and torch.equal(soft_paper, plain > threshold)
+    assert (soft_ref != soft_paper).any()
+    # the config's eps reaches the gate function
+    config = MoLEConfig(threshold=threshold)
+    route = build_gate_fn(config, 6)(logits, None)
+    assert torch.equal(route.soft_branch, soft_ref)
+    route = build_gate_fn(MoLEConfig(threshold=threshold, entropy_eps=0.0), 6)(logits, None)
+    assert torch.equal(route.soft_branch, soft_paper)
+
+
+def test_lambda_mlp_reference_bias_init():
+    mlp = routing.LambdaMLP(8, hidden=4, bias_init=-2.5)
+    assert (mlp.fc1.bias == -2.5).all() and (mlp.fc2.bias == -2.5).all()
+    lam = mlp(torch.randn(100, 8) * 0.1)
+    # logsigmoid(-2.5) + 0.99 = -1.59: the reference starts dense
+    torch.testing.assert_close(lam.mean(), torch.tensor(-1.59), atol=0.05, rtol=0)

@@ -14,11 +14,29 @@ from typing import Any
 from .io import write_json
 
 METHODS = ("loramoe", "mola", "topp", "dynmole", "ldmole", "remole")
-ADAPTER_FORMAT_VERSION = 1
+# 2: fields entropy_eps, balance_pooling, router_dropout, lambda_bias_init; balance_coef,
+# balance_mode and router_init_std may be null (= the method's reference default).
+ADAPTER_FORMAT_VERSION = 2
 ADAPTER_TYPE = "DYNMOLE"
 
 # Entropy-loss coefficient when the user leaves it unset: only DynMoLE uses it (eq. 19).
 _DEFAULT_ENTROPY_COEF = {"dynmole": 1e-2}
+
+# What each method's reference code does, for the fields left unset (None); the table with the
+# sources is in docs/methods.md. DynMoLE's code (a fork of MoE-PEFT) runs dynmole and its
+# "Top-p" row (= dynmole without the soft branch); MoE-PEFT's loramoe has no router loss, its
+# mola loss exists but is off unless `router_loss` is set; LD-MoLE's run.sh uses balance 1.0.
+_DEFAULT_BALANCE_COEF = {"dynmole": 1e-3, "topp": 1e-3, "ldmole": 1.0}
+_DEFAULT_BALANCE_MODE = {"mola": "switch", "ldmole": "ldmole"}  # others: soft
+_DEFAULT_BALANCE_POOLING = {"ldmole": "module"}  # others: pooled
+_DEFAULT_ROUTER_DROPOUT = {"ldmole": True}  # others: the router sees the input without dropout
+_DEFAULT_ROUTER_INIT_STD = {"remole": 0.02}  # others: nn.Linear's kaiming-uniform (a = sqrt(5))
+BALANCE_MODES = ("soft", "switch", "ldmole")
+BALANCE_POOLINGS = ("pooled", "module")
+
+# Fields added after format_version 1: an adapter_config.json without them was trained with
+# these values, so it loads with them (the behaviour it was trained with).
+_LEGACY_VALUES = {"entropy_eps": 0.0, "balance_pooling": "module", "router_dropout": False, "lambda_bias_init": None}
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -52,8 +70,14 @@ class MoLEConfig:
         default="paper",
     )
     q: float = _help("DynMoLE: Tsallis entropic index (> 0; 1.0 is Shannon).", default=1.1)
+    entropy_eps: float = _help(
+        "DynMoLE: eps added to p inside the Tsallis entropy of the soft/sparse decision and of the entropy loss "
+        "(1e-5 = reference code; 0 = the paper's formula). Adapters saved without this field load with 0.",
+        default=1e-5,
+    )
     threshold: float = _help(
-        "DynMoLE: normalised-entropy threshold in [0, 1] above which a token is routed soft.", default=0.9
+        "DynMoLE: normalised-entropy threshold in [0, 1] above which a token is routed soft (1.0: never soft).",
+        default=0.9,
     )
     soft_routing: bool = _help(
         "DynMoLE: use the soft branch for high-entropy tokens (off = 'DynMoLE (Top-p)').", default=True
@@ -64,6 +88,11 @@ class MoLEConfig:
         default=False,
     )
     lambda_hidden: int = _help("LD-MoLE: hidden size of the lambda MLP.", default=256)
+    lambda_bias_init: float | None = _help(
+        "LD-MoLE: initial value of both lambda-MLP biases (-2.5 = reference code: initial lambda about -1.6); "
+        "unset = nn.Linear's default init. Adapters saved without this field load with it unset.",
+        default=-2.5,
+    )
     lambda_shared: bool = _help(
         "LD-MoLE: one lambda MLP shared across layers (per input width); off = one per module ('local').",
         default=True,
@@ -75,15 +104,38 @@ class MoLEConfig:
     )
     relu_l1_init: float = _help("ReMoLE: initial L1 coefficient.", default=1e-8)
     relu_l1_rate: float = _help("ReMoLE: multiplicative update of the L1 coefficient per step.", default=1.2)
-    balance_coef: float = _help("Load-balance loss coefficient alpha (eq. 20); 0 disables it.", default=1e-3)
-    balance_mode: str = _help(
-        "Load-balance f_i: 'soft' = mean gate weight (reference code), 'switch' = fraction of tokens dispatched.",
-        default="soft",
+    balance_coef: float | None = _help(
+        "Load-balance loss coefficient alpha (eq. 20); 0 disables it; unset = the method's reference: 1e-3 for "
+        "dynmole and topp, 1.0 for ldmole, 0 (no balance loss) for loramoe, mola and remole.",
+        default=None,
+    )
+    balance_mode: str | None = _help(
+        "Load-balance loss N * sum_i f_i P_i: 'soft' = f_i mean gate weight, P_i mean softmax (DynMoLE code); "
+        "'switch' = f_i fraction of tokens dispatched to i (Switch; Mixtral's loss on top-k routing); 'ldmole' = "
+        "f_i share of i among all hard activations, P_i mean gate weight (LD-MoLE code). Unset = the method's "
+        "reference: ldmole for ldmole, switch for mola, soft otherwise.",
+        default=None,
+    )
+    balance_pooling: str | None = _help(
+        "Load-balance statistics over modules: 'pooled' = one f.P over all adapted modules' tokens (DynMoLE and "
+        "Mixtral code), 'module' = one loss per module, averaged (LD-MoLE code). Unset = the method's reference "
+        "(module for ldmole, pooled otherwise). Adapters saved without this field load with 'module'.",
+        default=None,
     )
     entropy_coef: float | None = _help(
         "Tsallis entropy loss coefficient beta (eq. 19); unset = 1e-2 for dynmole, 0 otherwise.", default=None
     )
-    router_init_std: float = _help("Standard deviation of the router weights at initialisation.", default=0.02)
+    router_init_std: float | None = _help(
+        "Router initialisation: a number = normal with this std; unset = the method's reference: nn.Linear's "
+        "kaiming-uniform (a = sqrt(5), bound 1/sqrt(d_in)) for dynmole, topp, loramoe, mola and ldmole, "
+        "normal std 0.02 for remole.",
+        default=None,
+    )
+    router_dropout: bool | None = _help(
+        "Feed the dropout-applied input (the experts' input) to the router and LD-MoLE's lambda MLP; unset = the "
+        "method's reference (on for ldmole, off otherwise). Adapters saved without this field load with it off.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -100,6 +152,37 @@ class MoLEConfig:
         if self.entropy_coef is not None:
             return self.entropy_coef
         return _DEFAULT_ENTROPY_COEF.get(self.method, 0.0)
+
+    @property
+    def balance_weight(self) -> float:
+        """``balance_coef``, or the method's reference default when it is unset."""
+        if self.balance_coef is not None:
+            return self.balance_coef
+        return _DEFAULT_BALANCE_COEF.get(self.method, 0.0)
+
+    @property
+    def balance_rule(self) -> str:
+        """``balance_mode``, or the method's reference default when it is unset."""
+        return self.balance_mode or _DEFAULT_BALANCE_MODE.get(self.method, "soft")
+
+    @property
+    def balance_pooled(self) -> bool:
+        """True when the balance statistics pool all adapted modules' tokens (``balance_pooling``)."""
+        return (self.balance_pooling or _DEFAULT_BALANCE_POOLING.get(self.method, "pooled")) == "pooled"
+
+    @property
+    def router_sees_dropout(self) -> bool:
+        """``router_dropout``, or the method's reference default when it is unset."""
+        if self.router_dropout is not None:
+            return self.router_dropout
+        return _DEFAULT_ROUTER_DROPOUT.get(self.method, False)
+
+    @property
+    def router_init(self) -> float | None:
+        """The std of a normal router init, or None for nn.Linear's kaiming-uniform init."""
+        if self.router_init_std is not None:
+            return self.router_init_std
+        return _DEFAULT_ROUTER_INIT_STD.get(self.method)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
@@ -131,8 +214,16 @@ class MoLEConfig:
             raise ValueError(f"lambda_hidden must be >= 1, got {self.lambda_hidden}")
         if self.method == "ldmole" and self.sparsity_k < 1:
             raise ValueError(f"sparsity_k must be >= 1, got {self.sparsity_k}")
-        if self.balance_mode not in ("soft", "switch"):
-            raise ValueError(f"balance_mode must be 'soft' or 'switch', got {self.balance_mode!r}")
+        if self.balance_mode is not None and self.balance_mode not in BALANCE_MODES:
+            raise ValueError(f"balance_mode must be one of {', '.join(BALANCE_MODES)}, got {self.balance_mode!r}")
+        if self.balance_pooling is not None and self.balance_pooling not in BALANCE_POOLINGS:
+            raise ValueError(
+                f"balance_pooling must be one of {', '.join(BALANCE_POOLINGS)}, got {self.balance_pooling!r}"
+            )
+        if not 0.0 <= self.entropy_eps < 1.0:
+            raise ValueError(f"entropy_eps must be in [0, 1), got {self.entropy_eps}")
+        if self.router_init_std is not None and self.router_init_std < 0:
+            raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
         for name in ("balance_coef", "entropy_coef", "sparsity_coef"):
             if (getattr(self, name) or 0.0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -177,7 +268,10 @@ class MoLEConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MoLEConfig":
-        """Read ``adapter_config.json``, refusing other adapter types and newer format versions."""
+        """Read ``adapter_config.json``, refusing other adapter types and newer format versions.
+
+        A field the file lacks (it was saved before the field existed) takes the value that gives
+        the behaviour the adapter was trained with (``_LEGACY_VALUES``), not today's default."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
@@ -196,4 +290,6 @@ class MoLEConfig:
             )
         for key in ("base_model_name_or_path", "dynmole_version"):
             data.pop(key, None)
+        for key, value in _LEGACY_VALUES.items():
+            data.setdefault(key, value)
         return cls.from_dict(data)

@@ -26,6 +26,7 @@ def _dynamic(config: MoLEConfig, logits: torch.Tensor, hidden: torch.Tensor) -> 
         keep_top_k=config.keep_top_k,
         renormalize=config.renormalize,
         top_p_mode=config.top_p_mode,
+        eps=config.entropy_eps,
     )
     return RouteResult(gates=gates, soft_branch=soft_branch)
 

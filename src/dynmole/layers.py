@@ -63,7 +63,10 @@ class MoLELinear(nn.Module):
         gate_fn: turns fp32 router logits (and the hidden states, for LD-MoLE's lambda) into gates.
         name: the module's qualified name, used in routing records.
         recorder: shared collector of routing records, or None.
-        router_init_std: std of the router weights at initialisation.
+        router_init_std: std of a normal router init; None = ``nn.Linear``'s kaiming-uniform
+            (a = sqrt(5), bound ``1/sqrt(d_in)``), which the MoE-PEFT, DynMoLE and LD-MoLE code use.
+        router_dropout: feed the dropout-applied input (the one the experts see) to the router
+            and the gate function (LD-MoLE's reference code); off = the input without dropout.
     """
 
     def __init__(
@@ -76,7 +79,8 @@ class MoLELinear(nn.Module):
         gate_fn: GateFn,
         name: str = "",
         recorder: RoutingRecorder | None = None,
-        router_init_std: float = 0.02,
+        router_init_std: float | None = 0.02,
+        router_dropout: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -90,6 +94,7 @@ class MoLELinear(nn.Module):
         self.name = name
         self.gate_fn = gate_fn
         self.recorder = recorder
+        self.router_dropout = router_dropout
         d_in, d_out = base_layer.in_features, base_layer.out_features
         device = base_layer.weight.device
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -97,7 +102,10 @@ class MoLELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(d_out, num_experts * r, device=device))
         self.router = nn.Parameter(torch.empty(num_experts, d_in, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.normal_(self.router, std=router_init_std)
+        if router_init_std is None:
+            nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.router, std=router_init_std)
 
     @property
     def in_features(self) -> int:
@@ -114,9 +122,11 @@ class MoLELinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        logits = self.router_logits(x)
-        route = self.gate_fn(logits, x)
-        hidden = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        dropped = self.dropout(x)
+        routed = dropped if self.router_dropout else x
+        logits = self.router_logits(routed)
+        route = self.gate_fn(logits, routed)
+        hidden = F.linear(dropped.to(self.lora_A.dtype), self.lora_A)
         gates = (route.gates * self.scaling).to(hidden.dtype)
         hidden = (hidden.unflatten(-1, (self.num_experts, self.r)) * gates.unsqueeze(-1)).flatten(-2)
         delta = F.linear(hidden, self.lora_B)

@@ -30,29 +30,60 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return total / valid.sum().clamp_min(1).to(values.dtype)
 
 
+def balance_statistics(
+    probs: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor, mode: str = "soft"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One module's load-balance sums ``(f_sum, f_count, P_sum, P_count)``, so that
+    ``f_i = f_sum_i / f_count`` and ``P_i = P_sum_i / P_count``; sums of several modules' statistics
+    give the statistics of their pooled tokens (see :func:`balance_from_statistics`).
+
+    Modes: ``"soft"`` (DynMoLE code): ``f_i`` mean gate weight, ``P_i`` mean router probability;
+    ``"switch"`` (Switch; Mixtral's loss on top-k routing): ``f_i`` fraction of tokens with a
+    non-zero gate for i, ``P_i`` mean router probability; ``"ldmole"`` (LD-MoLE code): ``f_i``
+    share of i among all (token, expert) activations, ``P_i`` mean gate weight. Real tokens only.
+    """
+    weight = valid.to(probs.dtype).unsqueeze(-1)
+    tokens = valid.to(probs.dtype).sum()
+
+    def per_expert(values: torch.Tensor) -> torch.Tensor:
+        return (values * weight).flatten(0, -2).sum(0)
+
+    if mode == "soft":
+        return per_expert(gates), tokens, per_expert(probs), tokens
+    hard = per_expert((gates > 0).to(probs.dtype))
+    if mode == "switch":
+        return hard, tokens, per_expert(probs), tokens
+    if mode == "ldmole":
+        return hard, hard.sum(), per_expert(gates), tokens
+    raise ValueError(f"balance mode must be 'soft', 'switch' or 'ldmole', got {mode!r}")
+
+
+def balance_from_statistics(
+    f_sum: torch.Tensor, f_count: torch.Tensor, p_sum: torch.Tensor, p_count: torch.Tensor
+) -> torch.Tensor:
+    """``N * sum_i f_i P_i`` from :func:`balance_statistics` sums (counts clamped at 1)."""
+    num_experts = f_sum.shape[-1]
+    return num_experts * ((f_sum / f_count.clamp_min(1)) * (p_sum / p_count.clamp_min(1))).sum()
+
+
 def load_balance_loss(
     probs: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor, mode: str = "soft"
 ) -> torch.Tensor:
-    """``N * sum_i f_i P_i`` (DynMoLE eq. 20 without alpha; Fedus et al. 2022).
+    """``N * sum_i f_i P_i`` of one module (DynMoLE eq. 20 without alpha; Fedus et al. 2022).
 
     ``P_i`` is the mean router probability of expert i over real tokens; ``f_i`` is the mean
     gate weight (``mode="soft"``, the DynMoLE reference code) or the fraction of tokens
     dispatched to i (``mode="switch"``; with several experts per token these sum to the mean
-    number of experts). Equals 1 when routing is perfectly balanced.
+    number of experts); ``mode="ldmole"`` is the LD-MoLE code's variant (see
+    :func:`balance_statistics`). Equals 1 when routing is perfectly balanced.
     """
-    if mode == "soft":
-        dispatch = gates
-    elif mode == "switch":
-        dispatch = (gates > 0).to(probs.dtype)
-    else:
-        raise ValueError(f"balance mode must be 'soft' or 'switch', got {mode!r}")
-    num_experts = probs.shape[-1]
-    return num_experts * (masked_mean(dispatch, valid) * masked_mean(probs, valid)).sum()
+    return balance_from_statistics(*balance_statistics(probs, gates, valid, mode))
 
 
-def entropy_loss(probs: torch.Tensor, valid: torch.Tensor, q: float = 1.1) -> torch.Tensor:
-    """Mean normalised Tsallis entropy of the router distribution (DynMoLE eq. 19 without beta)."""
-    return masked_mean(tsallis_entropy(probs, q=q, normalize=True), valid)
+def entropy_loss(probs: torch.Tensor, valid: torch.Tensor, q: float = 1.1, eps: float = 0.0) -> torch.Tensor:
+    """Mean normalised Tsallis entropy of the router distribution (DynMoLE eq. 19 without beta);
+    ``eps`` is added to ``p`` inside the entropy (the reference code uses 1e-5)."""
+    return masked_mean(tsallis_entropy(probs, q=q, normalize=True, eps=eps), valid)
 
 
 def sparsity_loss(logits: torch.Tensor, lam: torch.Tensor, valid: torch.Tensor, k: int = 2) -> torch.Tensor:
@@ -93,13 +124,18 @@ def aux_losses(
 ) -> dict[str, torch.Tensor]:
     """All auxiliary losses of ``config.method`` over ``records`` (one per adapted module).
 
-    Each loss is averaged over modules, then multiplied by its coefficient. Returns a dict with
-    the parts that apply (``balance``, ``entropy``, ``sparsity``, ``l1``) and their ``total``;
-    also ``active_experts`` (detached, for the ReMoLE coefficient update and logging).
+    Each loss is averaged over modules, then multiplied by its coefficient. The load balance
+    follows ``config.balance_pooled``: pooled, one ``f . P`` over all modules' tokens (modules
+    with different expert counts are pooled per count, and the groups weighted by their number
+    of modules), or one loss per module, averaged. Returns a dict with the parts that apply
+    (``balance``, ``entropy``, ``sparsity``, ``l1``) and their ``total``; also ``active_experts``
+    (detached, for the ReMoLE coefficient update and logging).
     """
     if not records:
         raise ValueError("no routing records: run a forward pass in training mode first")
     sums: dict[str, torch.Tensor] = {}
+    pooled: dict[int, tuple[int, list[torch.Tensor]]] = {}  # expert count -> (modules, summed statistics)
+    balance_weight, balance_rule = config.balance_weight, config.balance_rule
 
     def add(name: str, value: torch.Tensor) -> None:
         sums[name] = sums[name] + value if name in sums else value
@@ -108,17 +144,25 @@ def aux_losses(
         valid = token_weights(record, attention_mask)
         probs = torch.softmax(record.logits, dim=-1)
         gates = record.route.gates
-        if config.balance_coef > 0:
-            add("balance", load_balance_loss(probs, gates, valid, config.balance_mode))
+        if balance_weight > 0:
+            statistics = balance_statistics(probs, gates, valid, balance_rule)
+            if not config.balance_pooled:
+                add("balance", balance_from_statistics(*statistics))
+            else:
+                count, previous = pooled.get(probs.shape[-1], (0, None))
+                summed = statistics if previous is None else [a + b for a, b in zip(previous, statistics)]
+                pooled[probs.shape[-1]] = (count + 1, list(summed))
         if config.entropy_weight:
-            add("entropy", entropy_loss(probs, valid, config.q))
+            add("entropy", entropy_loss(probs, valid, config.q, config.entropy_eps))
         if record.route.lam is not None and config.sparsity_coef > 0:
             add("sparsity", sparsity_loss(record.logits, record.route.lam, valid, config.sparsity_k))
         if l1_coefficient is not None:
             add("l1", l1_loss(gates, valid))
         add("active_experts", active_experts(gates.detach(), valid))
+    for count, statistics in pooled.values():
+        add("balance", count * balance_from_statistics(*statistics))
     coefficients = {
-        "balance": config.balance_coef,
+        "balance": balance_weight,
         "entropy": config.entropy_weight,
         "sparsity": config.sparsity_coef,
         "l1": l1_coefficient,

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import distributed as dist
 from torch import nn
 
 from . import __version__
@@ -50,6 +51,10 @@ class MoLEModel(nn.Module):
     returned ``loss`` is the LM loss plus the method's auxiliary losses, and
     ``last_aux_losses`` holds each part (tensors, for logging). Attributes not found here are
     looked up on the base model, as PEFT's ``PeftModel`` does.
+
+    The new layers start in the mode (train/eval) of the model they wrap. ReMoLE's L1
+    coefficient changes only in :meth:`update_remole_coefficient`, once per optimizer step
+    (``MoLETrainer`` calls it; a loop of your own calls it after ``optimizer.step()``).
     """
 
     def __init__(self, model: nn.Module, config: MoLEConfig) -> None:
@@ -57,7 +62,7 @@ class MoLEModel(nn.Module):
         self.base_model = model
         self.mole_config = config
         self.recorder = RoutingRecorder()
-        self.stats = RoutingStats(q=config.q, threshold=config.threshold)
+        self.stats = RoutingStats(q=config.q, threshold=config.threshold, eps=config.entropy_eps)
         self.stats_enabled = False
         self.last_aux_losses: dict[str, torch.Tensor] = {}
         # When False, the aux total is left in ``pending_aux_loss`` for a trainer to add with its
@@ -68,9 +73,13 @@ class MoLEModel(nn.Module):
         self.register_buffer(
             "relu_l1_coef", torch.tensor(config.relu_l1_init) if config.method == "remole" else None
         )
+        # ReMoLE: sum of the active-expert statistic over the micro-batches since the last update.
+        self._remole_active_sum: torch.Tensor | None = None
+        self._remole_micro_batches = 0
         for param in model.parameters():
             param.requires_grad_(False)
         self._inject()
+        self._set_new_modules_mode(model.training)
 
     # ---------------------------------------------------------------- injection
     def _targets(self) -> list[tuple[str, nn.Linear]]:
@@ -92,10 +101,10 @@ class MoLEModel(nn.Module):
             self.base_model, "get_input_embeddings"
         ) else None
         if not config.lambda_shared:
-            return LambdaMLP(in_features, config.lambda_hidden).to(device)
+            return LambdaMLP(in_features, config.lambda_hidden, config.lambda_bias_init).to(device)
         key = str(in_features)
         if key not in self.lambda_mlps:
-            self.lambda_mlps[key] = LambdaMLP(in_features, config.lambda_hidden).to(device)
+            self.lambda_mlps[key] = LambdaMLP(in_features, config.lambda_hidden, config.lambda_bias_init).to(device)
         return self.lambda_mlps[key]
 
     def _inject(self) -> None:
@@ -114,12 +123,22 @@ class MoLEModel(nn.Module):
                 gate_fn=build_gate_fn(config, num_experts, lambda_mlp),
                 name=name,
                 recorder=self.recorder,
-                router_init_std=config.router_init_std,
+                router_init_std=config.router_init,
+                router_dropout=config.router_sees_dropout,
             )
             if lambda_mlp is not None and not config.lambda_shared:
                 layer.lambda_mlp = lambda_mlp
             parent_name, _, child = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, layer)
+
+    def _set_new_modules_mode(self, mode: bool) -> None:
+        """Put the wrapper, the MoLE layers and the lambda MLPs (not the base layers) in ``mode``."""
+        self.training = mode
+        for layer in self.mole_layers():
+            base_mode = layer.base_layer.training
+            layer.train(mode)
+            layer.base_layer.train(base_mode)
+        self.lambda_mlps.train(mode)
 
     def mole_layers(self) -> Iterator[MoLELinear]:
         return (m for m in self.base_model.modules() if isinstance(m, MoLELinear))
@@ -149,18 +168,43 @@ class MoLEModel(nn.Module):
         if self.stats_enabled and records:
             self.stats.update(records, attention_mask)
         if want_aux and records:
-            losses = aux_losses(records, attention_mask, self.mole_config, self.relu_l1_coef)
+            l1_coefficient = self.relu_l1_coef.clone() if self.relu_l1_coef is not None else None
+            losses = aux_losses(records, attention_mask, self.mole_config, l1_coefficient)
             self.last_aux_losses = {k: v.detach() for k, v in losses.items()}
             if self.relu_l1_coef is not None:
-                self.relu_l1_coef = update_l1_coefficient(
-                    self.relu_l1_coef, losses["active_experts"], self.mole_config.relu_target_k,
-                    self.mole_config.relu_l1_rate,
-                )
+                active = losses["active_experts"].detach()
+                self._remole_active_sum = active if self._remole_active_sum is None else self._remole_active_sum + active
+                self._remole_micro_batches += 1
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]
             elif getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + losses["total"]
         return outputs
+
+    @torch.no_grad()
+    def update_remole_coefficient(self) -> None:
+        """ReMoLE: update the adaptive L1 coefficient once, ``c <- c * rate^sign(mean - target)``,
+        from the mean active-expert count of the training forwards since the last call.
+
+        Call it once per optimizer step, after ``optimizer.step()`` (``MoLETrainer`` does, through
+        :class:`~dynmole.train.ReMoLECoefficientCallback`); with gradient accumulation the mean
+        covers every micro-batch of the step. When ``torch.distributed`` is initialised the
+        statistic is all-reduced (every rank must call this), so all ranks apply the same update.
+        No host-device sync; a no-op for other methods, or when no training forward ran.
+        """
+        coefficient = self.relu_l1_coef
+        if coefficient is None:
+            return
+        total = self._remole_active_sum if self._remole_active_sum is not None else coefficient.new_zeros(())
+        stats = torch.stack([total.to(coefficient.device, torch.float32),
+                             coefficient.new_tensor(float(self._remole_micro_batches), dtype=torch.float32)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        mean = stats[0] / stats[1].clamp_min(1.0)
+        config = self.mole_config
+        updated = update_l1_coefficient(coefficient, mean, config.relu_target_k, config.relu_l1_rate)
+        coefficient.copy_(torch.where(stats[1] > 0, updated, coefficient))
+        self._remole_active_sum, self._remole_micro_batches = None, 0
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
@@ -239,16 +283,20 @@ class MoLEModel(nn.Module):
                 own[key].copy_(tensor)  # adapter_state_dict() shares storage with the parameters
 
 def get_mole_model(model: nn.Module, config: MoLEConfig) -> MoLEModel:
-    """Adapt ``model`` (a HF causal LM) with MoLE layers; its own weights are frozen."""
+    """Adapt ``model`` (a HF causal LM) with MoLE layers; its own weights are frozen. The new
+    layers take the mode of ``model`` (eval after ``from_pretrained``): call ``.train()`` to train."""
     return MoLEModel(model, config)
 
 
 def load_mole_model(model: nn.Module, adapter_dir: str | Path) -> MoLEModel:
-    """Adapt ``model`` with the adapter saved in ``adapter_dir`` by ``save_pretrained``."""
+    """Adapt ``model`` with the adapter saved in ``adapter_dir`` by ``save_pretrained``.
+
+    The result is in eval mode (no adapter dropout, no aux losses), as PEFT's
+    ``PeftModel.from_pretrained``; call ``.train()`` to go on training it."""
     directory = Path(adapter_dir)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: is {directory} a dynmole adapter folder?")
     mole = MoLEModel(model, MoLEConfig.load(directory / CONFIG_NAME))
     mole.load_adapter_weights(directory / WEIGHTS_NAME)
-    return mole
+    return mole.eval()

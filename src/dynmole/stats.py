@@ -35,6 +35,7 @@ class RoutingStats:
 
     q: float = 1.1
     threshold: float = 0.9
+    eps: float = 0.0  # added to p inside the entropy, as DynMoLE's routing decision does (entropy_eps)
     totals: dict[str, _ModuleTotals] = field(default_factory=dict)
 
     def reset(self) -> None:
@@ -51,7 +52,7 @@ class RoutingStats:
             soft = soft.reshape(-1).float() if soft is not None else torch.zeros_like(valid)
             mass = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-12)
             num_experts = probs.shape[-1]
-            entropy = tsallis_entropy(probs, q=self.q)
+            entropy = tsallis_entropy(probs, q=self.q, eps=self.eps)
             update = _ModuleTotals(
                 tokens=valid.sum(),
                 experts=(active.float() * valid).sum(),

@@ -47,8 +47,9 @@ class StudyRun:
         entropy = adapter.get("entropy_coef")
         if entropy is not None:
             parts.append(f"β {entropy:g}")
-        if adapter.get("router_init_std", 0.02) != 0.02:
-            parts.append(f"init std {adapter['router_init_std']:g}")
+        init = adapter.get("router_init_std", 0.02)
+        if init != 0.02:  # None: the method's reference init (kaiming-uniform for DynMoLE)
+            parts.append("init kaiming" if init is None else f"init std {init:g}")
         return ", ".join(parts)
 
     def curve(self, key: str) -> list[tuple[int, float]]:

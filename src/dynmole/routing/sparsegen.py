@@ -61,14 +61,22 @@ def sparsity_lower_bound(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 class LambdaMLP(nn.Module):
     """Predicts the Sparsegen lambda per token: ``Linear(d, h) -> ReLU -> Linear(h, 1)``, then
-    ``logsigmoid(.) + (1 - 1e-2)`` so that ``lambda < 1`` (LD-MoLE). Runs in fp32."""
+    ``logsigmoid(.) + (1 - 1e-2)`` so that ``lambda < 1`` (LD-MoLE). Runs in fp32.
 
-    def __init__(self, in_features: int, hidden: int = 256) -> None:
+    ``bias_init``: a constant for both layers' biases (the LD-MoLE reference code uses -2.5,
+    which starts lambda near ``logsigmoid(-2.5) + 0.99 = -1.6``: dense routing); None keeps
+    ``nn.Linear``'s default init. The weights always get ``nn.Linear``'s default (kaiming-uniform,
+    a = sqrt(5)), as in the reference."""
+
+    def __init__(self, in_features: int, hidden: int = 256, bias_init: float | None = None) -> None:
         super().__init__()
         if hidden < 1:
             raise ValueError(f"lambda MLP hidden size must be >= 1, got {hidden}")
         self.fc1 = nn.Linear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        if bias_init is not None:
+            nn.init.constant_(self.fc1.bias, bias_init)
+            nn.init.constant_(self.fc2.bias, bias_init)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.fc2(F.relu(self.fc1(hidden_states.float())))

@@ -8,29 +8,36 @@ import torch
 
 from ..numerics import upcast
 
-from .top_k import top_k_mask
-
 TopPMode = Literal["paper", "reference"]
 
 
-def top_p_mask(probs: torch.Tensor, p: float, mode: TopPMode = "paper") -> torch.Tensor:
+def top_p_mask(probs: torch.Tensor, p: float, mode: TopPMode = "paper", min_keep: int = 0) -> torch.Tensor:
     """Boolean mask of the experts top-p keeps, along the last dim.
 
     ``mode="paper"`` (DynMoLE eq. 7, default): sort descending and keep the smallest prefix
     whose cumulative probability is >= ``p`` (the expert that crosses ``p`` is kept).
     ``mode="reference"``: the DynMoLE reference code keeps the experts whose cumulative sum is
     <= ``p`` (the expert that crosses ``p`` is dropped); this may keep no expert at all.
+
+    ``min_keep`` also keeps the first ``min_keep`` experts of the same sort order (DynMoLE's
+    keep-top-k floor). Both sets come from one sort, so with tied probabilities the mask is a
+    prefix of length ``max(min_keep, |top-p set|)``, as in the reference code.
     """
     if not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     if mode not in ("paper", "reference"):
         raise ValueError(f"top_p mode must be 'paper' or 'reference', got {mode!r}")
+    if not 0 <= min_keep <= probs.shape[-1]:
+        raise ValueError(f"min_keep must be in [0, num_experts={probs.shape[-1]}], got {min_keep}")
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
     if mode == "paper":
         keep_sorted = (cumulative - sorted_probs) < p
     else:
         keep_sorted = cumulative <= p
+    if min_keep:
+        rank = torch.arange(probs.shape[-1], device=probs.device)
+        keep_sorted = keep_sorted | (rank < min_keep)
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
@@ -44,8 +51,7 @@ def top_p(
     the DynMoLE reference code.
     """
     probs = torch.softmax(upcast(logits), dim=-1)
-    mask = top_p_mask(probs, p, mode)
-    mask = mask | top_k_mask(probs, 1)
+    mask = top_p_mask(probs, p, mode, min_keep=1)
     gates = probs * mask
     if renormalize:
         gates = gates / gates.sum(dim=-1, keepdim=True)
