@@ -66,11 +66,13 @@ def test_routing_probe_logs_held_out_routing(tiny_llama, tiny_tokenizer, tmp_pat
 
 def test_summarize_probe_counts_modules_below_threshold():
     modules = {
-        "a": {"entropy": 0.95, "mean_experts": 6.0, "soft_fraction": 0.9, "high_entropy_fraction": 0.9},
-        "b": {"entropy": 0.5, "mean_experts": 2.0, "soft_fraction": 0.1, "high_entropy_fraction": 0.1},
+        "a": {"entropy": 0.95, "mean_experts": 6.0, "soft_fraction": 0.9, "high_entropy_fraction": 0.9,
+              "load": [0.5, 0.5]},
+        "b": {"entropy": 0.5, "mean_experts": 2.0, "soft_fraction": 0.1, "high_entropy_fraction": 0.1,
+              "load": [0.9, 0.1]},
     }
     summary = summarize_probe(modules)
-    assert summary["probe_layers_below"] == 0.5
+    assert summary["probe_layers_below"] == 0.5 and abs(summary["probe_max_load"] - 0.7) < 1e-12
     assert abs(summary["probe_entropy"] - 0.725) < 1e-12 and summary["probe_experts"] == 4.0
 
 
@@ -97,6 +99,7 @@ def _fake_run(root, name, scale, below):
     write_json(directory / "result.json", {
         "variant": "DynMoLE", "method": "dynmole", "seed": 0, "eval": {"average": {"acc": 0.5, "acc_norm": 0.6}},
         "train": {"lr": 1e-3, "router_lr_scale": scale}, "adapter": {"entropy_coef": None, "router_init_std": 0.02},
+        "routing": {"m.layers.0.mlp.up_proj": {"load": [0.5, 0.25, 0.25]}, "m.layers.1.mlp.up_proj": {"load": [0.3, 0.7]}},
     })
     (directory / "log.jsonl").write_text(json.dumps({"step": 20, "loss": 2.5}) + "\n")
     modules = {f"model.layers.{i}.mlp.up_proj": {"entropy": 0.9, "mean_experts": 5.0, "soft_fraction": 0.5,
@@ -117,7 +120,7 @@ def test_regime_study_table_and_plots(tmp_path, capsys):
     assert [r.first_step_most_below() for r in runs] == [None, 10]
     assert regime.main([str(tmp_path), "--output", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "regime.md").read_text()
-    assert "| dynmole, lr 0.001, router x10 | 20 | 1.00 / 0.90 / 0.80 | 0.90 | 6.00 | 10 | 2.50 | 60.0 |" in table
+    assert "| dynmole, lr 0.001, router x10 | 20 | 1.00 / 0.90 / 0.80 | 0.90 | 6.00 | 0.60 | 10 | 2.50 | 60.0 |" in table
     assert "| never |" in table
     assert (tmp_path / "out" / "plots" / "regime_entropy.png").stat().st_size > 0
     assert regime.main([str(tmp_path / "out" / "plots")]) == 2

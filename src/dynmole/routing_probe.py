@@ -5,7 +5,8 @@ mode over a fixed set of held-out examples (prompt + gold answer, teacher-forced
 sees them), collects :class:`~dynmole.stats.RoutingStats`, and
 
 * adds model-wide means to the training log (``probe_entropy``, ``probe_experts``,
-  ``probe_soft_fraction``, ``probe_high_entropy_fraction``, ``probe_layers_below``);
+  ``probe_soft_fraction``, ``probe_high_entropy_fraction``, ``probe_layers_below``, and
+  ``probe_max_load``: the busiest expert's share of the gate mass, 1/N when balanced);
 * appends the per-module statistics to ``routing_probe.jsonl`` in the output folder, one record
   per probe, so curves per layer can be drawn afterwards.
 
@@ -39,6 +40,7 @@ def summarize_probe(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
     mean = {key: sum(m[key] for m in modules) / len(modules) for key in _PROBE_KEYS}
     below = sum(m["high_entropy_fraction"] < 0.5 for m in modules) / len(modules)
     return {
+        "probe_max_load": sum(max(m["load"]) for m in modules) / len(modules),
         "probe_entropy": mean["entropy"],
         "probe_experts": mean["mean_experts"],
         "probe_soft_fraction": mean["soft_fraction"],
@@ -92,7 +94,8 @@ class RoutingProbe(TrainerCallback):
         summary = self.probe()
         self.pending = summarize_probe(summary)
         if state.is_world_process_zero:
-            modules = {name: {k: round(v[k], 5) for k in _PROBE_KEYS} for name, v in summary.items()}
+            modules = {name: {**{k: round(v[k], 5) for k in _PROBE_KEYS}, "load": [round(x, 4) for x in v["load"]]}
+                       for name, v in summary.items()}
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **self.pending, "modules": modules}) + "\n")
 

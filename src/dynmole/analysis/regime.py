@@ -9,7 +9,8 @@ Reads every finished run under a folder (``result.json`` with the routing probe'
 * ``plots/regime_entropy.png``, ``regime_modules_below.png``, ``regime_experts.png``: the probe's
   curves over training, one line per run;
 * ``plots/regime_high_entropy_by_layer.png``: at the last probe, the share of tokens above the
-  threshold by layer and projection.
+  threshold by layer and projection; ``plots/regime_max_load.png`` the busiest expert's load over
+  training, for runs whose probe logged it.
 
 ``python -m dynmole.analysis.regime ROOT [--output DIR]`` does it from the command line.
 """
@@ -85,8 +86,8 @@ def _cell(value: float | None, digits: int = 2) -> str:
 def study_table(runs: Sequence[StudyRun]) -> str:
     """The markdown table of ``regime.md``."""
     header = ("| run | steps | entropy 0 / mid / end | modules mostly below threshold, end | experts/token end "
-              "| first step most modules below | train loss (last log) | held-out acc_norm (avg) |\n"
-              "|---|---:|---|---:|---:|---:|---:|---:|\n")
+              "| busiest expert's load, end | first step most modules below | train loss (last log) "
+              "| held-out acc_norm (avg) |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n")
     rows = []
     for run in runs:
         last = run.probes[-1]["step"]
@@ -95,9 +96,17 @@ def study_table(runs: Sequence[StudyRun]) -> str:
         first = run.first_step_most_below()
         average = run.record.result["eval"]["average"]["acc_norm"]
         rows.append(f"| {run.label} | {last} | {entropy} | {_cell(run.at(last, 'probe_layers_below'))} | "
-                    f"{_cell(run.at(last, 'probe_experts'))} | {'never' if first is None else first} | "
+                    f"{_cell(run.at(last, 'probe_experts'))} | {_cell(busiest_load(run.record.routing))} | "
+                    f"{'never' if first is None else first} | "
                     f"{_cell(loss[-1][1] if loss else None)} | {100 * average:.1f} |")
     return header + "\n".join(rows) + "\n"
+
+
+def busiest_load(routing: dict[str, dict[str, Any]]) -> float | None:
+    """Mean over modules of the busiest expert's share of the gate mass (1/N when balanced), from
+    the routing statistics of the final evaluation."""
+    loads = [max(stats["load"]) for stats in routing.values() if stats.get("load")]
+    return sum(loads) / len(loads) if loads else None
 
 
 def _by_layer_at_end(runs: Sequence[StudyRun], key: str) -> dict[str, dict[str, list[dict[int, float]]]]:
@@ -128,6 +137,10 @@ def write_study(runs: Sequence[StudyRun], output: str | Path) -> list[Path]:
         plot_by_layer(_by_layer_at_end(runs, "high_entropy_fraction"), plots / "regime_high_entropy_by_layer.png",
                       "share of tokens above threshold", "Held-out tokens above the entropy threshold, end"),
     ]
+    if any(r.curve("probe_max_load") for r in runs):
+        written.append(plot_curves({r.label: [r.curve("probe_max_load")] for r in runs if r.curve("probe_max_load")},
+                                   plots / "regime_max_load.png", "busiest expert's share of the gate mass",
+                                   "Held-out expert load during training (1/N = balanced)"))
     table = study_table(runs)
     path = output / "regime.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text(
