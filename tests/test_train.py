@@ -41,6 +41,27 @@ def test_cutoff_keeps_answer(tiny_tokenizer):
     assert feature["labels"][-2:] == feature["input_ids"][-2:]
 
 
+def test_cutoff_keeps_the_leading_bos(tiny_tokenizer):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tiny_tokenizer.backend_tokenizer.__class__.from_str(tiny_tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    ex = Example("t/1", "t", "question : " + " ".join(["the sky is blue ."] * 30) + " answer :", (" yes",), 0)
+    full = encode_example(tokenizer, ex, cutoff_len=1000)
+    assert full["input_ids"][0] == 2  # the tokenizer adds BOS (as Gemma's does)
+    feature = encode_example(tokenizer, ex, cutoff_len=16)
+    answer = tokenizer(" yes", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(feature["input_ids"]) == 16
+    assert feature["input_ids"][0] == 2 and feature["input_ids"].count(2) == 1  # BOS kept, once
+    # BOS, then the end of the prompt, then the whole answer
+    assert feature["input_ids"][1:] == full["input_ids"][len(full["input_ids"]) - 15:]
+    assert feature["labels"][-len(answer):] == answer
+    assert feature["labels"][: 16 - len(answer)] == [IGNORE_INDEX] * (16 - len(answer))
+
+
 @pytest.mark.parametrize("method", ["dynmole", "ldmole", "lora", "dora"])
 def test_training_lowers_loss_and_saves(tiny_llama, tiny_tokenizer, tmp_path, method):
     torch.manual_seed(0)
@@ -83,3 +104,19 @@ def test_out_of_memory_suggests_knobs(tiny_llama, tiny_tokenizer, tmp_path, monk
     config = TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to="none")
     with pytest.raises(RuntimeError, match="--batch-size .*--grad-accum.*--gradient-checkpointing"):
         train(model, tiny_tokenizer, _examples(4), config)
+
+
+def test_remole_coefficient_changes_once_per_optimizer_step(tiny_llama, tiny_tokenizer, tmp_path):
+    import math
+
+    torch.manual_seed(0)
+    mole = MoLEConfig(r=4, alpha=8, dropout=0.0, relu_target_k=1.0, relu_l1_init=1e-3)
+    model = adapt_model(tiny_llama(), "remole", mole)
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=2, grad_accum=3, lr=1e-3,
+                         logging_steps=1, report_to="none", warmup_ratio=0.0)
+    model, summary = train(model, tiny_tokenizer, _examples(12), config)
+    assert summary["steps"] == 2
+    # about 3 of 6 ReLU gates are open, above the target 1: the coefficient grows once per optimizer
+    # step (2 updates), not once per micro-batch (6)
+    updates = math.log(model.relu_l1_coef.item() / 1e-3) / math.log(1.2)
+    assert updates == pytest.approx(2.0, abs=1e-4)

@@ -20,6 +20,10 @@ Sections:
   with PEFT LoRA vs DynMoLE on gate/up/down_proj: training-step time and tokens/s, peak
   training memory, generation tokens/s with KV cache, and routing statistics on vs off
   (see :mod:`dynmole.bench_model`).
+* ``train`` (not in the default ``--sections``): the training options on the packaged data,
+  train tokens/s of the full-logits path (reference), answer-logits-only, bf16 autocast and
+  length-grouped batches, and evaluation examples/s with and without the shared context
+  (see :mod:`dynmole.bench_train`).
 """
 
 from __future__ import annotations
@@ -427,11 +431,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table: one block per scenario, every row with its ratio to PEFT LoRA."""
     lines = []
-    header = f"{'variant':<26} {'kind':<12} {'median':>11} {'x LoRA':>7} {'[q1, q3]':>15} {'min':>7}  notes"
     scenario = None
     for row in rows:
         if (row.section, row.scenario) != scenario:
             scenario = (row.section, row.scenario)
+            reference = "x first" if row.section in ("train", "eval") else "x LoRA"  # train: ratios to its row (a)
+            header = f"{'variant':<28} {'kind':<12} {'median':>11} {reference:>7} {'[q1, q3]':>15} {'min':>7}  notes"
             lines += ["", f"== {row.section}: {row.scenario}", header]
         unit = row.extra.get("unit", "ms")
         value = row.extra.get("value", row.ms)
@@ -441,6 +446,13 @@ def format_table(rows: Sequence[Row]) -> str:
         extra = row.extra
         if "tokens_per_s" in extra:
             notes.append(f"tok/s={extra['tokens_per_s']:.1f}")
+        if "examples_per_s" in extra:
+            notes.append(f"examples/s={extra['examples_per_s']:.2f}")
+        if "head_positions_share" in extra:
+            notes.append(f"padding={100 * extra['padding_share']:.0f}% LM-head positions={100 * extra['head_positions_share']:.0f}%")
+        for key, label in (("max_abs_loss_delta", "loss"), ("max_abs_loglik_delta", "loglik")):
+            if key in extra:
+                notes.append(f"max|d {label}| vs first={extra[key]:.2e}")
         if "x_base" in extra:
             notes.append(f"x base={extra['x_base']:.3f}")
         if "floor_mole_over_base" in extra:
@@ -451,7 +463,7 @@ def format_table(rows: Sequence[Row]) -> str:
             notes.append(f"stats update alone={extra['stats_update_ms']:.1f} ms = {100 * extra['stats_update_share']:.2f}%")
         ratio_min = _fmt(extra.get("ratio_min"), 3)
         lines.append(
-            f"{row.variant:<26} {row.kind:<12} {median:>11} {_fmt(row.ratio, 3):>7} {spread:>15} {ratio_min:>7}  "
+            f"{row.variant:<28} {row.kind:<12} {median:>11} {_fmt(row.ratio, 3):>7} {spread:>15} {ratio_min:>7}  "
             + " ".join(notes)
         )
     return "\n".join(lines).lstrip("\n")
@@ -519,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write the rows and machine info as JSON")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="base layer / model dtype")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--sections", default="layer,model", help="comma-separated: layer, model")
+    parser.add_argument("--sections", default="layer,model", help="comma-separated: layer, model, train")
     parser.add_argument("--methods", default=",".join(METHODS), help="routing rules of the MoLE layer rows")
     parser.add_argument("--model", help="model of the model section: a registry name, a folder, or 'tiny'")
     parser.add_argument("--reps", type=int, help="timed repetitions (default: per preset)")
@@ -628,6 +640,15 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         )
         rows += model_rows
         report["model"] = model_info
+    if "train" in sections:
+        from .bench_train import run_train_bench
+
+        train_rows, train_info = run_train_bench(
+            name, model_name=args.model or setup.model, device=device, dropout=args.dropout,
+            warmup=args.warmup, reps=args.reps, log=log,
+        )
+        rows += train_rows
+        report["train"] = train_info
     report["load_average_end"] = _load()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["rows"] = [asdict(row) for row in rows]

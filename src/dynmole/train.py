@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator, answer_lm_loss, can_use_answer_logits
 from .config import METHODS, MoLEConfig
 from .data.example import Example
 from .data.tokenize import AnswerCollator, encode_example
@@ -50,6 +51,17 @@ class TrainConfig:
     seed: int = _help("Random seed (model init, data order, dropout).", default=42)
     precision: str = _help("auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16.", default="auto")
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=False)
+    answer_logits_only: bool = _help(
+        "Compute the LM head's logits only on the positions that predict answer tokens (on a GPU: from the "
+        "batch's first one on), not on the prompt: the same loss and gradients, less work. Models without "
+        "logits_to_keep use every position.",
+        default=True,
+    )
+    group_by_length: bool = _help(
+        "Batch examples of similar length together (the Trainer's length-grouped sampler): less padding, "
+        "but batches no longer drawn at random as in the papers.",
+        default=False,
+    )
     logging_steps: int = _help("Log loss, aux-loss parts and routing every N steps.", default=10)
     save_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
     save_total_limit: int = _help("Checkpoints kept.", default=2)
@@ -83,6 +95,17 @@ class JsonlLogger(TrainerCallback):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class ReMoLECoefficientCallback(TrainerCallback):
+    """ReMoLE: updates the adaptive L1 coefficient once per optimizer step (after the step), from
+    the active-expert statistic of all its micro-batches, all-reduced across ranks under DDP.
+    Does nothing for other methods (see :meth:`MoLEModel.update_remole_coefficient`)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - Trainer signature
+        mole = _unwrap(model) if model is not None else None
+        if isinstance(mole, MoLEModel):
+            mole.update_remole_coefficient()
 
 
 def _non_finite_source(model: nn.Module) -> str:
@@ -126,7 +149,11 @@ class MoLETrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        positions = inputs.pop(ANSWER_SPAN_KEY, None)  # from AnswerSpanCollator (answer_logits_only)
+        if positions is not None and can_use_answer_logits(self, model, inputs):
+            result = answer_lm_loss(self, model, inputs, positions, return_outputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mole = _unwrap(model)
         if not isinstance(mole, MoLEModel) or mole.pending_aux_loss is None:
             return result
@@ -232,6 +259,23 @@ def _probe_callbacks(model: nn.Module, tokenizer: Any, examples: list[Example] |
                          config.output_dir, cutoff_len=config.cutoff_len)]
 
 
+def _sampler_flags(group_by_length: bool) -> dict[str, Any]:
+    """``TrainingArguments`` for length-grouped batches (none for the default random batches):
+    ``train_sampling_strategy`` where transformers has it, else its older ``group_by_length``."""
+    if not group_by_length:
+        return {}
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}
+
+
+def _collator(tokenizer: Any, answer_logits_only: bool) -> Any:
+    """Right-padding collator; with ``answer_logits_only`` its batches also say where the answers
+    are, for the LM head (:mod:`dynmole.answer_logits`)."""
+    collator = AnswerCollator(tokenizer.pad_token_id)
+    return AnswerSpanCollator(collator) if answer_logits_only else collator
+
+
 def _last_checkpoint(output_dir: Path) -> str | None:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
@@ -280,14 +324,15 @@ def train(
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         dataloader_pin_memory=torch.cuda.is_available(),
         **_precision_flags(config.precision),
+        **_sampler_flags(config.group_by_length),
     )
     trainer = MoLETrainer(
         model=model,
         args=args,
         train_dataset=features,
-        data_collator=AnswerCollator(tokenizer.pad_token_id),
+        data_collator=_collator(tokenizer, config.answer_logits_only),
         processing_class=tokenizer,
-        callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / "log.jsonl")],
+        callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / "log.jsonl"), ReMoLECoefficientCallback()],
         router_lr_scale=config.router_lr_scale,
     )
     resume = _last_checkpoint(output_dir) if config.resume else None
