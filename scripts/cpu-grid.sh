@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The `cpu` grid of docs/results.md, in the order it is run: seed 0 of the main rows first, so that a
+# grid cut short still pairs LoRA, LoRAMoE, MoLA, DynMoLE and LD-MoLE on the same examples.
+# Resumable: finished runs are skipped, an interrupted run resumes from its last checkpoint.
+set -uo pipefail  # a failed run is reported in its error.txt; the next one still runs
+cd "$(dirname "$0")/.."
+R="${DYNMOLE:-.venv/bin/python -m dynmole} reproduce --profile cpu --output-dir ${OUT:-docs/results/cpu}"
+MAIN=lora,dynmole,mola,loramoe,ldmole
+$R --methods $MAIN --seeds 0
+$R --methods dynmole-noent,dynmole-topp,topp,remole,dora --seeds 0
+$R --methods $MAIN --seeds 1
+$R --methods dynmole-noent,dynmole-topp,topp,remole,dora --seeds 1
+$R   # the whole grid: seed 2 of the main rows, then the table, paired tests and plots of every run
