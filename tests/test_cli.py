@@ -99,3 +99,21 @@ def test_train_seed_fixes_the_adapter_initialisation(tiny_llama, tiny_tokenizer,
     assert adapters[0].keys() == adapters[1].keys()
     for key, tensor in adapters[0].items():
         assert torch.equal(tensor, adapters[1][key]), key
+
+
+def test_train_routing_probe_reads_held_out_examples(tiny_llama, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    rows = [{"id": f"q{i}", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
+             "task": "toy"} for i in range(4)]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = tmp_path / "run"
+    cli.main(["train", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--method", "mola",
+              "--r", "2", "--num-experts", "2", "--top-k", "1", "--max-steps", "2", "--batch-size", "2",
+              "--routing-probe-steps", "1", "--routing-probe-size", "3", "--router-lr-scale", "10",
+              "--report-to", "none", "--output-dir", str(out)])
+    probes = [json.loads(line) for line in (out / "routing_probe.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in probes] == [0, 1, 2]
+    assert all(p["probe_experts"] == 1.0 for p in probes)  # top-1

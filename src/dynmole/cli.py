@@ -132,9 +132,10 @@ def _cmd_run(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
 def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     import torch
 
-    from .data import format_examples, load_mixture
+    from .data import format_examples, load_examples, load_mixture
     from .job import JobConfig
     from .pretrained import load_model_and_tokenizer
+    from .routing_probe import probe_set
     from .train import TrainConfig, adapt_model, train
 
     job, train_config, mole = _configs(args, (JobConfig, TrainConfig, MoLEConfig), defaults)
@@ -143,9 +144,14 @@ def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     examples = load_mixture(job.tasks, "train", job.train_limit, job.source, job.eval_fraction,
                             skip_invalid=args.skip_invalid, seed=train_config.seed)
     examples = format_examples(examples, job.scoring)  # the format `dynmole eval --scoring` evaluates
+    probe = None
+    if train_config.routing_probe_steps > 0:  # held-out examples, in the training format
+        held_out = {t: load_examples(t, "eval", job.source, train_config.routing_probe_size, job.eval_fraction)
+                    for t in job.tasks}
+        probe = format_examples(probe_set(held_out, train_config.routing_probe_size), job.scoring)
     model = adapt_model(model, job.method, mole)
     model.print_trainable_parameters()
-    _, summary = train(model, tokenizer, examples, train_config)
+    _, summary = train(model, tokenizer, examples, train_config, probe)
     print(f"trained {summary['steps']} steps on {summary['examples']} examples, train loss "
           f"{summary['train_loss']:.4f}; adapter: {Path(train_config.output_dir) / 'adapter'}")
 

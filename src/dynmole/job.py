@@ -86,7 +86,10 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     if job.eval_base:
         runs["base (zero-shot)"] = evaluate_tasks(model, tokenizer, eval_examples, job.eval_batch_size, job.scoring)
     model = adapt_model(model, job.method, mole)
-    model, summary = train(model, tokenizer, format_examples(train_examples, job.scoring), train_config)
+    from .routing_probe import probe_set  # here: it imports dynmole.analysis, which imports this module
+
+    probe = format_examples(probe_set(eval_examples, train_config.routing_probe_size), job.scoring)
+    model, summary = train(model, tokenizer, format_examples(train_examples, job.scoring), train_config, probe)
     model.eval()
     runs[f"{job.method} (fine-tuned)"] = evaluate_tasks(
         model, tokenizer, eval_examples, job.eval_batch_size, job.scoring
