@@ -79,9 +79,9 @@ def test_demo_defaults_are_bounded():
     assert train.max_steps > 0 and job.train_limit and job.eval_limit
 
 
-def test_train_seed_fixes_the_adapter_initialisation(tiny_llama, tiny_tokenizer, tmp_path):
-    from safetensors.torch import load_file
-
+@pytest.fixture
+def toy_model_and_data(tiny_llama, tiny_tokenizer, tmp_path):
+    """A saved tiny model folder and a 4-row local data file of task `toy`."""
     folder = tmp_path / "model"
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
@@ -89,6 +89,13 @@ def test_train_seed_fixes_the_adapter_initialisation(tiny_llama, tiny_tokenizer,
              "task": "toy"} for i in range(4)]
     data = tmp_path / "toy.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return folder, data
+
+
+def test_train_seed_fixes_the_adapter_initialisation(toy_model_and_data, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, data = toy_model_and_data
     adapters = []
     for run in ("a", "b"):  # in one process: the first run leaves the global RNG elsewhere
         out = tmp_path / run
@@ -101,14 +108,8 @@ def test_train_seed_fixes_the_adapter_initialisation(tiny_llama, tiny_tokenizer,
         assert torch.equal(tensor, adapters[1][key]), key
 
 
-def test_train_routing_probe_reads_held_out_examples(tiny_llama, tiny_tokenizer, tmp_path):
-    folder = tmp_path / "model"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    rows = [{"id": f"q{i}", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
-             "task": "toy"} for i in range(4)]
-    data = tmp_path / "toy.jsonl"
-    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+def test_train_routing_probe_reads_held_out_examples(toy_model_and_data, tmp_path):
+    folder, data = toy_model_and_data
     out = tmp_path / "run"
     cli.main(["train", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--method", "mola",
               "--r", "2", "--num-experts", "2", "--top-k", "1", "--max-steps", "2", "--batch-size", "2",

@@ -94,6 +94,28 @@ def test_aux_loss_added_and_reported(tiny_llama):
     assert 0.005 < aux["entropy"].item() <= 0.01 + 1e-6
 
 
+def test_aux_loss_takes_the_lm_losses_share_of_num_items_in_batch(tiny_llama):
+    """With ``num_items_in_batch`` (the step's answer tokens, HF's loss kwarg) the aux loss is
+    weighted by this micro-batch's share of them, as the LM loss is (its sum over the micro-batch's
+    tokens divided by the step's count); the share counts ``labels[..., 1:]`` or ``shift_labels``."""
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    count = int(labels[:, 1:].ne(-100).sum())
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, alpha=8, dropout=0.0)).train()
+    plain = tiny_llama().train()
+    for items in (torch.tensor(3 * count), 3 * count):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items)
+        lm = plain(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items).loss
+        torch.testing.assert_close(out.loss, lm + model.last_aux_losses["total"] / 3, rtol=1e-5, atol=1e-6)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    shifted[0, :2] = -100  # shift_labels, when given, are what the loss sums (2 tokens fewer)
+    kwargs = {"labels": labels, "shift_labels": shifted, "num_items_in_batch": torch.tensor(2 * count)}
+    out = model(input_ids=ids, attention_mask=mask, **kwargs)
+    lm = plain(input_ids=ids, attention_mask=mask, **kwargs).loss
+    share = (count - 2) / (2 * count)
+    torch.testing.assert_close(out.loss, lm + model.last_aux_losses["total"] * share, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_checkpointing_keeps_router_gradients(tiny_llama):
     ids, mask = _batch()
     grads = []

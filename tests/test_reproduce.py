@@ -225,3 +225,43 @@ def test_paper_profile_matches_budgets_and_paper_literal_keeps_the_written_ranks
     assert literal.settings == paper.settings and (literal.peft["r"], literal.peft["alpha"]) == (80, 160.0)
     lora_80 = _trainable_on_smollm2_shape("lora", {**literal.settings, **literal.peft})
     assert lora_80 == 15_206_400 and mole / lora_80 > 1.8
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, toy_inputs, capsys, monkeypatch):
+    argv = ["--profile", "tiny", "--methods", "dynmole", "--seeds", "0", "--output-dir", str(tmp_path),
+            "--set", "save_steps=1", "--set", "eval_base=false"]
+    failing = {"left": 1}
+    evaluate = reproduce._evaluate
+
+    def crash_once(*args, **kwargs):
+        if failing["left"]:
+            failing["left"] -= 1
+            raise RuntimeError("killed after training")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "_evaluate", crash_once)
+    assert reproduce.main(argv, inputs=toy_inputs) == 1
+    run = tmp_path / "runs/dynmole/seed0"
+    assert (run / "checkpoint-3" / "trainer_state.json").is_file() and not (run / "result.json").exists()
+    capsys.readouterr()
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    assert "resuming DynMoLE, seed 0 from step 3" in capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # each training step logged once
+    assert (run / "result.json").is_file() and not list(run.glob("checkpoint-*"))
+
+
+def test_report_only_runs_nothing_and_profile_seeds_per_variant(tmp_path, toy_inputs, capsys):
+    assert reproduce.main(["--profile", "tiny", "--methods", "lora", "--seeds", "0", "--output-dir", str(tmp_path)],
+                          inputs=toy_inputs) == 0
+    capsys.readouterr()
+    argv = ["--profile", "tiny", "--methods", "lora,dynmole", "--seeds", "0", "--output-dir", str(tmp_path),
+            "--report-only"]
+    assert reproduce.main(argv, inputs=toy_inputs) == 0
+    assert "2 of 3 planned runs are finished" in capsys.readouterr().out
+    assert not (tmp_path / "runs/dynmole").exists()
+    assert "LoRA" in (tmp_path / "results.md").read_text()
+    cpu = PROFILES["cpu"]
+    assert cpu.seeds_of("dynmole") == (0, 1, 2) and cpu.seeds_of("dora") == (0, 1)
+    assert set(cpu.variants) == {"lora", "dora", "loramoe", "mola", "topp", "dynmole-topp", "dynmole-noent",
+                                 "dynmole", "ldmole", "remole"}

@@ -120,3 +120,122 @@ def test_remole_coefficient_changes_once_per_optimizer_step(tiny_llama, tiny_tok
     # step (2 updates), not once per micro-batch (6)
     updates = math.log(model.relu_l1_coef.item() / 1e-3) / math.log(1.2)
     assert updates == pytest.approx(2.0, abs=1e-4)
+
+
+class _GradientsBeforeStep:
+    """A Trainer callback keeping the adapter's gradients just before the first optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.grads = {}
+        outer = self
+
+        class Capture(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if not outer.grads:
+                    outer.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        self.callback = Capture()
+
+
+def _one_step_gradients(tiny_llama, tiny_tokenizer, tmp_path, plain: bool, examples):
+    """Adapter gradients of one optimizer step (2 micro-batches of 2) under a plain ``Trainer``
+    (the aux loss in the model's own ``loss``) or ``MoLETrainer`` (its answer-logits path)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from dynmole.train import MoLETrainer, _collator
+
+    torch.manual_seed(0)
+    model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for layer in model.mole_layers():
+            layer.lora_B.normal_(std=0.2)  # the routers then get LM gradients too
+    model.train()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_steps=1, learning_rate=1e-3, max_grad_norm=0.0,
+        remove_unused_columns=False, save_strategy="no", seed=0, data_seed=0, dataloader_num_workers=0,
+    )
+    capture = _GradientsBeforeStep()
+    features = Dataset.from_list([encode_example(tiny_tokenizer, ex) for ex in examples])
+    trainer_class, collator = (Trainer, AnswerCollator(tiny_tokenizer.pad_token_id)) if plain else (
+        MoLETrainer, _collator(tiny_tokenizer, answer_logits_only=True))
+    trainer = trainer_class(model=model, args=args, train_dataset=features, data_collator=collator,
+                            callbacks=[capture.callback])
+    trainer.train()
+    return capture.grads
+
+
+def test_plain_trainer_weights_the_aux_loss_as_moletrainer(tiny_llama, tiny_tokenizer, tmp_path):
+    """Gradient accumulation 2: a plain HF ``Trainer`` over a MoLE model (the aux loss added in the
+    forward) gives ``MoLETrainer``'s gradients, not the aux loss counted once per micro-batch."""
+    examples = _examples(4)  # one-word answers: every micro-batch holds 4 answer tokens
+    plain = _one_step_gradients(tiny_llama, tiny_tokenizer, tmp_path / "plain", True, examples)
+    reference = _one_step_gradients(tiny_llama, tiny_tokenizer, tmp_path / "mole", False, examples)
+    assert plain.keys() == reference.keys() and any("router" in name for name in plain)
+    for name, grad in plain.items():
+        assert reference[name].abs().max() > 0, name
+        torch.testing.assert_close(grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _sentencepiece_like_tokenizer():
+    """A word-level tokenizer that, as Llama's sentencepiece one, marks the start of every text
+    with a word-start ``▁`` (so ``" blue"`` alone is ``▁ ▁blue``), and puts BOS in front."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "▁": 4}
+    for word in "question : the sky is ? answer blue red fire hot".split():
+        vocab["▁" + word] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("prompt", ["question : the sky is ? answer :", "question : the sky is ? answer : "])
+def test_answer_tokens_come_from_the_whole_text(prompt):
+    """Training features and evaluation requests take the answer's tokens from ``prompt + answer``
+    tokenised as one text: no stray word-start token, the same tokens in both, BOS once in front."""
+    from dynmole.evaluate import _requests
+
+    tokenizer = _sentencepiece_like_tokenizer()
+    example = Example("t/0", "t", prompt, ("blue" if prompt.endswith(" ") else " blue", " fire hot"), 0)
+    stray = tokenizer.convert_tokens_to_ids("▁")
+    alone = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+    assert prompt.endswith(" ") or alone[0] == stray  # what the old code put in the answer
+    whole = tokenizer(prompt + example.answer)["input_ids"]
+    assert stray not in whole and whole[0] == tokenizer.bos_token_id
+    feature = encode_example(tokenizer, example)
+    assert feature["input_ids"] == whole + [tokenizer.eos_token_id]
+    answer = feature["labels"][feature["labels"].count(IGNORE_INDEX):]
+    assert answer == tokenizer.convert_tokens_to_ids(["▁blue", "</s>"])
+    requests = _requests(tokenizer, [example], "cloze")
+    assert [len(r.continuation) for r in requests] == [1, 2] and stray not in sum((r.continuation for r in requests), [])
+    assert requests[0].context + requests[0].continuation == whole
+    assert requests[0].context == feature["input_ids"][: -len(answer)]
+    assert requests[0].continuation + [tokenizer.eos_token_id] == answer
+    truncated = encode_example(tokenizer, example, cutoff_len=4)
+    assert truncated["input_ids"] == [tokenizer.bos_token_id, whole[-2], *answer]
+
+
+def test_word_level_features_are_unchanged(tiny_tokenizer):
+    """For a tokenizer that splits at whitespace the features are those of the prompt and the answer
+    tokenised apart (as before); so are the evaluation requests."""
+    from dynmole.evaluate import _requests
+
+    examples = [*_examples(4), Example("t/e", "t", "", (" yes",), 0), Example("t/s", "t", "the sky is ", ("blue",), 0),
+                Example("t/m", "t", "what is the sun ? answer :", (" the sun is hot .", " cold"), 0)]
+    eos = [tiny_tokenizer.eos_token_id]
+    for example in examples:
+        prompt = tiny_tokenizer(example.prompt)["input_ids"]
+        answer = tiny_tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+        assert encode_example(tiny_tokenizer, example) == {
+            "input_ids": prompt + answer + eos, "labels": [IGNORE_INDEX] * len(prompt) + answer + eos}
+        for request, text in zip(_requests(tiny_tokenizer, [example], "cloze"), example.choices):
+            assert request.context == (prompt or [tiny_tokenizer.bos_token_id])
+            assert request.continuation == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

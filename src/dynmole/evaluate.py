@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import Example, format_examples, scoring_protocol
+from .data.tokenize import encode_answer, encode_prompt
 from .io import write_json
 
 _METRIC_TEXT = {
@@ -67,13 +68,16 @@ def _context_prefix(tokenizer: Any) -> list[int]:
 
 
 def _requests(tokenizer: Any, examples: list[Example], scoring: str) -> list[_Request]:
+    """One :class:`_Request` per (example, choice), tokenised as in training (``encode_example``):
+    prompt and choice as one text, split after the prompt's own tokens (:func:`encode_answer`,
+    as lm-evaluation-harness); the tokenizer's special tokens (e.g. Gemma's <bos>) lead the
+    context, and the continuation has none."""
     requests = []
     for index, example in enumerate(format_examples(examples, scoring)):
-        # The prompt gets the tokenizer's usual special tokens (e.g. Gemma's <bos>); the answer
-        # none, or a <bos> would sit between prompt and answer (as in training, ``encode_example``).
-        context = tokenizer(example.prompt)["input_ids"] or _context_prefix(tokenizer)
+        lead, body = encode_prompt(tokenizer, example.prompt)
         for choice, text in enumerate(example.choices):
-            continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
+            context, continuation = encode_answer(tokenizer, example.prompt, body, text)
+            context = lead + context or _context_prefix(tokenizer)
             if not continuation:
                 raise ValueError(f"example {example.id}: choice {choice} ({text!r}) has no tokens")
             requests.append(_Request(index, choice, context, continuation, len(text)))

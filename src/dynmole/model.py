@@ -44,6 +44,26 @@ def _num_layers(model: nn.Module, names: list[str]) -> int:
     return int(layers) if layers else (max(indices) + 1 if indices else 1)
 
 
+def _loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | float:
+    """This micro-batch's share of the optimizer step's answer tokens, ``count / num_items_in_batch``,
+    when the forward got ``num_items_in_batch`` and labels (else 1).
+
+    The count is taken as transformers' ``ForCausalLMLoss`` sums (and the ``Trainer`` counts): the
+    tokens of ``shift_labels`` when given, else of ``labels[..., 1:]``, that are not ``-100``. A
+    device-side division (no host sync); a step with no answer tokens gives a share of 0.
+    """
+    items = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None and kwargs.get("labels") is not None:
+        labels = kwargs["labels"][..., 1:]
+    if items is None or labels is None:
+        return 1.0
+    count = labels.ne(-100).sum().to(like.device, like.dtype)
+    if torch.is_tensor(items):
+        return count / items.to(like.device, like.dtype).clamp_min(1)
+    return count / max(items, 1)
+
+
 class MoLEModel(nn.Module):
     """A HF causal LM whose target linear layers are :class:`MoLELinear`.
 
@@ -51,6 +71,19 @@ class MoLEModel(nn.Module):
     returned ``loss`` is the LM loss plus the method's auxiliary losses, and
     ``last_aux_losses`` holds each part (tensors, for logging). Attributes not found here are
     looked up on the base model, as PEFT's ``PeftModel`` does.
+
+    Gradient accumulation: when the caller passes ``num_items_in_batch`` (the answer tokens of the
+    whole optimizer step, as the HF ``Trainer``, TRL's ``SFTTrainer`` and transformers' recipe for
+    accelerate loops do), the LM loss is a sum over this micro-batch's tokens divided by that count
+    and the caller neither divides it by the accumulation steps nor leaves it per process. The aux
+    loss is then weighted by the same share, ``this micro-batch's answer tokens / num_items_in_batch``
+    (:func:`_loss_share`), so whatever the caller does to the LM loss (multiplying it by the number
+    of processes, DDP averaging) it does alike to the aux loss: per optimizer step the aux loss is
+    the answer-token-weighted mean over micro-batches (and processes), which is the plain mean of
+    ``MoLETrainer`` when the micro-batches hold equally many answer tokens (the forward cannot
+    know the accumulation steps or the process count that plain mean needs). Without
+    ``num_items_in_batch`` the loss is the micro-batch's (LM mean + aux), as in a loop of your own
+    that divides it by the accumulation steps.
 
     The new layers start in the mode (train/eval) of the model they wrap. ReMoLE's L1
     coefficient changes only in :meth:`update_remole_coefficient`, once per optimizer step
@@ -178,7 +211,7 @@ class MoLEModel(nn.Module):
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]
             elif getattr(outputs, "loss", None) is not None:
-                outputs.loss = outputs.loss + losses["total"]
+                outputs.loss = outputs.loss + losses["total"] * _loss_share(kwargs, losses["total"])
         return outputs
 
     @torch.no_grad()

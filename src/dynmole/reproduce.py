@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metric of the progress lines and ablation plots (results.md has both)")
     parser.add_argument("--keep-adapters", action="store_true", help="keep each run's trained adapter")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and an estimated time, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write results.md, the paired tests and the plots from the runs already finished, run nothing")
     parser.add_argument("--list", action="store_true", help="list the profiles, variants and ablations, run nothing")
     return parser
 
@@ -455,7 +457,11 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
               f"{inputs.description}; tasks {', '.join(inputs.eval_examples)}; results in {output_dir}")
         print_plan(specs, inputs, profile.cost)
         return 0
-    records, failed = run_all(specs, inputs, args.metric, args.keep_adapters)
+    if args.report_only:
+        records, failed = [RunRecord.read(spec.directory) for spec in specs if spec.done], []
+        print(f"{len(records)} of {len(specs)} planned runs are finished; reporting those, running nothing")
+    else:
+        records, failed = run_all(specs, inputs, args.metric, args.keep_adapters)
     if not records:
         print("no finished runs: nothing to report")
         return 1

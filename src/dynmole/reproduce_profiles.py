@@ -7,7 +7,7 @@ paper's table); a *profile* sizes the whole comparison (model, tasks, steps, ran
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .job import ALL_TASKS
@@ -137,31 +137,31 @@ class Profile:
         return self.variant_seeds.get(variant, self.seeds)
 
 
+# DynMoLE's training settings (paper and reference templates), shared by `paper` and `paper-literal`.
+_PAPER_SETTINGS: dict[str, Any] = {
+    "tasks": list(ALL_TASKS), "num_experts": 6, "r": 24, "alpha": 48.0,
+    "target_modules": ["gate_proj", "up_proj", "down_proj"],
+    "lr": 2e-4, "epochs": 2.0, "batch_size": 16, "cutoff_len": 512, "logging_steps": 10, "report_to": "none",
+}
+
+_PAPER = Profile(
+    "paper",
+    "DynMoLE's settings with matched budgets, as the paper's text says they are: 6 experts, r=24/alpha=48 "
+    "(the reference templates), LoRA/DoRA r=146/alpha=292 (the same trainable parameters, routers "
+    "included: 27.9M on SmolLM2), gate/up/down, lr 2e-4, 2 epochs, batch 16, cutoff 512, all 9 tasks, all "
+    "training data. Meant for a GPU.",
+    _PAPER_SETTINGS,
+    {"r": 146, "alpha": 292.0},
+    (0, 1, 2),
+)
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
-        Profile(
-            "paper",
-            "DynMoLE's settings with matched budgets, as the paper's text says they are: 6 experts, r=24/alpha=48 "
-            "(the reference templates), LoRA/DoRA r=146/alpha=292 (the same trainable parameters, routers "
-            "included: 27.9M on SmolLM2), gate/up/down, lr 2e-4, 2 epochs, batch 16, cutoff 512, all 9 tasks, all "
-            "training data. Meant for a GPU.",
-            {"tasks": list(ALL_TASKS), "num_experts": 6, "r": 24, "alpha": 48.0,
-             "target_modules": ["gate_proj", "up_proj", "down_proj"], "lr": 2e-4, "epochs": 2.0, "batch_size": 16,
-             "cutoff_len": 512, "logging_steps": 10, "report_to": "none"},
-            {"r": 146, "alpha": 292.0},
-            (0, 1, 2),
-        ),
-        Profile(
-            "paper-literal",
-            "`paper` with the ranks as written: MoLE 6 x r=24/alpha=48, LoRA/DoRA r=80/alpha=160, so the MoLE "
-            "rows train 1.83x LoRA's parameters (27.9M vs 15.2M on SmolLM2). Meant for a GPU.",
-            {"tasks": list(ALL_TASKS), "num_experts": 6, "r": 24, "alpha": 48.0,
-             "target_modules": ["gate_proj", "up_proj", "down_proj"], "lr": 2e-4, "epochs": 2.0, "batch_size": 16,
-             "cutoff_len": 512, "logging_steps": 10, "report_to": "none"},
-            {"r": 80, "alpha": 160.0},
-            (0, 1, 2),
-        ),
+        _PAPER,
+        replace(_PAPER, name="paper-literal", peft={"r": 80, "alpha": 160.0},
+                description="`paper` with the ranks as written: MoLE 6 x r=24/alpha=48, LoRA/DoRA r=80/alpha=160, "
+                "so the MoLE rows train 1.83x LoRA's parameters (27.9M vs 15.2M on SmolLM2). Meant for a GPU."),
         Profile(
             "mini",
             "The same comparison sized for a 2-core CPU (about 2 hours): SmolLM2-135M, 4 tasks, 64 training "

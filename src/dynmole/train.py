@@ -276,6 +276,12 @@ def _collator(tokenizer: Any, answer_logits_only: bool) -> Any:
     return AnswerSpanCollator(collator) if answer_logits_only else collator
 
 
+def _finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
+    """Whether ``checkpoint`` was saved at the run's last step (``max_steps`` > 0 reached)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
+
+
 def _last_checkpoint(output_dir: Path) -> str | None:
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     return str(checkpoints[-1]) if checkpoints else None
@@ -338,19 +344,27 @@ def train(
     resume = _last_checkpoint(output_dir) if config.resume else None
     if config.resume and resume is None:
         logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except torch.OutOfMemoryError as err:
-        raise RuntimeError(
-            f"out of memory ({err}). Knobs to turn: --batch-size (with --grad-accum to keep the "
-            "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts or a lower --r"
-        ) from err
+    if resume is not None and _finished_checkpoint(resume, config.max_steps):
+        # Killed after the last step's checkpoint: the Trainer would take one step more (at lr 0).
+        trainer._load_from_checkpoint(resume)
+        trainer.state = trainer.state.load_from_json(str(Path(resume) / "trainer_state.json"))
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        train_loss, runtime = (sum(losses) / len(losses) if losses else float("nan")), None
+    else:
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"out of memory ({err}). Knobs to turn: --batch-size (with --grad-accum to keep the "
+                "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts or a lower --r"
+            ) from err
+        train_loss, runtime = result.training_loss, result.metrics.get("train_runtime")
     trainer.save_model(str(output_dir / "adapter"))
     summary = {
-        "train_loss": result.training_loss,
-        "steps": result.global_step,
+        "train_loss": train_loss,
+        "steps": trainer.state.global_step,
         "examples": len(examples),
-        "runtime_s": result.metrics.get("train_runtime"),
+        "runtime_s": runtime,
         "log_history": trainer.state.log_history,
     }
     return model, summary
