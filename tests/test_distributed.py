@@ -92,6 +92,7 @@ REMOLE_SCRIPT = textwrap.dedent(
     if rank == 0:
         json.dump({{"active": [float(a) for a in actives], "coef": [float(c) for c in coefficients]}},
                   open(sys.argv[1], "w"))
+    dist.barrier()  # both ranks done before either tears gloo down (else: 'terminate called', seen under load)
     dist.destroy_process_group()
     """
 )
