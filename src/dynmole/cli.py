@@ -135,7 +135,7 @@ def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     from .data import format_examples, load_examples, load_mixture
     from .job import JobConfig
     from .pretrained import load_model_and_tokenizer
-    from .routing_probe import probe_set
+    from .routing_probe import probe_examples
     from .train import TrainConfig, adapt_model, train
 
     job, train_config, mole = _configs(args, (JobConfig, TrainConfig, MoLEConfig), defaults)
@@ -148,7 +148,7 @@ def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     if train_config.routing_probe_steps > 0:  # held-out examples, in the training format
         held_out = {t: load_examples(t, "eval", job.source, train_config.routing_probe_size, job.eval_fraction)
                     for t in job.tasks}
-        probe = format_examples(probe_set(held_out, train_config.routing_probe_size), job.scoring)
+        probe = probe_examples(held_out, train_config.routing_probe_size, job.scoring)
     model = adapt_model(model, job.method, mole)
     model.print_trainable_parameters()
     _, summary = train(model, tokenizer, examples, train_config, probe)

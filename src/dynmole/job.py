@@ -86,9 +86,9 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     if job.eval_base:
         runs["base (zero-shot)"] = evaluate_tasks(model, tokenizer, eval_examples, job.eval_batch_size, job.scoring)
     model = adapt_model(model, job.method, mole)
-    from .routing_probe import probe_set  # here: it imports dynmole.analysis, which imports this module
+    from .routing_probe import probe_examples  # here: it imports dynmole.analysis, which imports this module
 
-    probe = format_examples(probe_set(eval_examples, train_config.routing_probe_size), job.scoring)
+    probe = probe_examples(eval_examples, train_config.routing_probe_size, job.scoring)
     model, summary = train(model, tokenizer, format_examples(train_examples, job.scoring), train_config, probe)
     model.eval()
     runs[f"{job.method} (fine-tuned)"] = evaluate_tasks(

@@ -38,7 +38,7 @@ from .io import write_json
 from .job import JobConfig, machine_description
 from .model import MoLEModel
 from .reproduce_profiles import ABLATIONS, PROFILES, VARIANTS, CostModel, Profile, Variant
-from .routing_probe import probe_set
+from .routing_probe import probe_examples
 from .train import ALL_METHODS, PEFT_METHODS, TrainConfig, adapt_model, train
 
 BASE = Variant("base", "Base (zero-shot)", "none")
@@ -297,7 +297,7 @@ def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRec
     if spec.variant is not BASE:
         model = adapt_model(model, spec.variant.method, spec.mole)
         train_config = dataclasses.replace(spec.train, resume=resume_step is not None)
-        probe = format_examples(probe_set(inputs.eval_examples, train_config.routing_probe_size), spec.job.scoring)
+        probe = probe_examples(inputs.eval_examples, train_config.routing_probe_size, spec.job.scoring)
         model, summary = train(model, tokenizer, training_examples(spec, inputs), train_config, probe)
     results, routing = _evaluate(model, tokenizer, inputs, spec.job)
     write_predictions(spec.directory, results.pop("predictions"))  # before result.json, which marks the run done

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .analysis.runs import PROBE_LOG_NAME
 from .data.example import Example
+from .data.formats import format_examples
 from .data.tokenize import AnswerCollator, encode_example
 from .model import MoLEModel
 
@@ -124,3 +125,9 @@ def probe_set(eval_examples: dict[str, list[Example]], size: int) -> list[Exampl
         if len(chosen) >= size:
             break
     return chosen[:size]
+
+
+def probe_examples(eval_examples: dict[str, list[Example]], size: int, scoring: str) -> list[Example]:
+    """The routing probe's held-out examples (:func:`probe_set`) in the format training sees for
+    the evaluation protocol ``scoring``."""
+    return format_examples(probe_set(eval_examples, size), scoring)
