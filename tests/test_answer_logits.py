@@ -3,6 +3,7 @@ and gradients; bf16 autocast trains MoLE models on CPU; ``group_by_length`` reac
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
@@ -154,7 +155,7 @@ def test_training_runs_equal_with_and_without_answer_logits(tiny_llama, tiny_tok
     full_model, full = _run(tiny_llama, tiny_tokenizer, tmp_path / "full", answer_logits_only=False)
     model, losses = _run(tiny_llama, tiny_tokenizer, tmp_path / "answer", answer_logits_only=True)
     assert losses == pytest.approx(full, abs=1e-5)
-    state, full_state = model.adapter_state_dict(), full_model.adapter_state_dict()
+    state, full_state = get_peft_model_state_dict(model), get_peft_model_state_dict(full_model)
     for name, value in state.items():
         torch.testing.assert_close(value, full_state[name], atol=1e-5, rtol=1e-4, msg=name)
 

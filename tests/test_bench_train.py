@@ -9,7 +9,7 @@ import math
 import pytest
 
 from dynmole import bench
-from dynmole.bench_train import EVAL_VARIANTS, TRAIN_VARIANTS
+from dynmole.bench.train import EVAL_VARIANTS, TRAIN_VARIANTS
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,10 @@ import sys
 import pytest
 import torch
 
+import dynmole
 from dynmole import cli
+from dynmole.errors import DynmoleError
+from dynmole.model import find_mole, get_mole_model
 
 
 @pytest.mark.parametrize("command", ["demo", "run", "train", "eval", "generate"])
@@ -39,14 +42,18 @@ def test_bad_option_is_a_clear_error(capsys):
         (["train", "--tasks", "arc_x"], "unknown task 'arc_x'"),
         (["train", "--top-p", "1.5"], r"top_p must be in \(0, 1\]"),
         (["train", "--keep-top-k", "9"], "keep_top_k must be in"),
-        (["train", "--precision", "fp8"], None),
+        (["train", "--precision", "fp8"], "precision must be auto, fp32, bf16 or fp16, got 'fp8'"),
+        (["train", "--alpha", "0"], r"alpha must be > 0"),
+        (["train", "--epochs", "0"], r"epochs must be > 0 \(or set max_steps\), got 0"),
+        (["train", "--max-steps", "0"], r"max_steps must be >= 1, or -1"),
+        (["train", "--router-lr-scale", "0"], r"router_lr_scale must be > 0"),
+        (["train", "--routing-probe-steps", "-1"], r"routing_probe_steps must be >= 0"),
+        (["run", "--eval-limit", "0"], r"eval_limit must be >= 1"),
+        (["run", "--eval-source", "packaged"], r"eval_source must be a local .json or .jsonl file"),
     ],
 )
 def test_bad_values(argv, message):
-    if message is None:  # precision is checked when training starts, not when parsing
-        cli.job_configs(argv)
-        return
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(DynmoleError, match=message):
         cli.job_configs(argv)
 
 
@@ -65,8 +72,30 @@ def test_config_file_equals_command_line(tmp_path):
     assert train2.lr == 0.5
     json_file = tmp_path / "run.json"
     json_file.write_text(json.dumps({"bogus": 1}))
-    with pytest.raises(SystemExit, match="unknown option"):
+    with pytest.raises(DynmoleError, match="unknown option"):
         cli.job_configs(["train", "--config", str(json_file)])
+
+
+def _from_file(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return cli.job_configs(["train", "--config", str(path)])
+
+
+def test_config_file_values_follow_the_command_line_rules(tmp_path):
+    job, train, mole = _from_file(tmp_path, "lr: 1e-3\nnum_experts: 4\nsoft_routing: false\ntrain_limit: null\n")
+    assert train.lr == 1e-3 and mole.num_experts == 4 and mole.soft_routing is False  # PyYAML reads 1e-3 as a str
+    assert job.train_limit is None
+    for text, message in [
+        ('{"trust_remote_code": "false"}', r"trust_remote_code must be true or false .*got 'false'"),
+        ('{"soft_routing": "false"}', r"soft_routing must be true or false"),
+        ('{"lr": "fast"}', r"run.json: lr must be a number, got 'fast'"),
+        ('{"max_steps": 2.5}', r"max_steps must be an integer, got 2.5"),
+        ('{"r": null}', r"r must be an integer, got None"),
+        ('{"tasks": [1, 2]}', r"tasks must be a list of names"),
+    ]:
+        with pytest.raises(DynmoleError, match=message):
+            _from_file(tmp_path, text, "run.json")
 
 
 def test_peft_method_keeps_mole_defaults():
@@ -85,8 +114,9 @@ def toy_model_and_data(tiny_llama, tiny_tokenizer, tmp_path):
     folder = tmp_path / "model"
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    rows = [{"id": f"q{i}", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
-             "task": "toy"} for i in range(4)]
+    facts = [("the sky is", " blue"), ("fire is", " hot"), ("ice is", " cold"), ("water is", " wet")]
+    rows = [{"id": f"q{i}", "prompt": f"question : {prompt} ? answer :", "choices": [answer, " red"], "label": 0,
+             "task": "toy"} for i, (prompt, answer) in enumerate(facts)]  # distinct rows: split q0, q3 | q1, q2
     data = tmp_path / "toy.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     return folder, data
@@ -118,3 +148,43 @@ def test_train_routing_probe_reads_held_out_examples(toy_model_and_data, tmp_pat
     probes = [json.loads(line) for line in (out / "routing_probe.jsonl").read_text().splitlines()]
     assert [p["step"] for p in probes] == [0, 1, 2]
     assert all(p["probe_experts"] == 1.0 for p in probes)  # top-1
+
+
+def test_local_source_is_split_unless_eval_source_is_given(toy_model_and_data, tmp_path, capsys):
+    folder, data = toy_model_and_data
+    out = tmp_path / "eval.json"
+    base = ["eval", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--output", str(out)]
+    cli.main(base)
+    assert "toy.jsonl is split by sha256(id): 0.5 of it held out for evaluation" in capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert "sha256(id) bucket < 0.5" in saved["metadata"]["splits"][0]
+    (result,) = saved["results"].values()
+    job = cli.job_configs(["train", "--source", str(data), "--tasks", "toy"])[0]
+    trained = {e.id for e in job.train_examples(seed=0)}
+    held_out = {e.id for e in job.eval_examples(None)["toy"]}
+    assert result["tasks"]["toy"]["n"] == len(held_out) < 4  # not the 4 rows trained on
+    assert trained and held_out and not trained & held_out and len(trained | held_out) == 4
+    cli.main([*base, "--eval-source", str(data)])
+    assert f"evaluating on all of {data} (eval_source)" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"].values()
+    assert result["tasks"]["toy"]["n"] == 4
+
+
+def test_adapter_kind_comes_from_the_parsed_config(tiny_llama, tiny_tokenizer, tmp_path):
+    folder = tmp_path / "peft_type_model"  # a base-model path holding the text "peft_type"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    model, _ = cli._load_for_inference(str(folder), None, False)
+    adapter = tmp_path / "adapter"
+    get_mole_model(model, dynmole.MoLEConfig(r=2, num_experts=2)).save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "peft_type" in config["base_model_name_or_path"]
+    assert find_mole(cli._load_for_inference(str(folder), str(adapter), False)[0]) is not None
+    assert not cli._is_peft_adapter(adapter)  # ours, whatever PEFT fields it carries
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lora = tmp_path / "lora"
+    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora)
+    assert cli._is_peft_adapter(lora)
+    loaded = cli._load_for_inference(str(folder), str(lora), False)[0]
+    assert isinstance(loaded, PeftModel) and find_mole(loaded) is None

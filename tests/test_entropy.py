@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dynmole.entropy import max_tsallis_entropy, shannon_entropy, tsallis_entropy
+from dynmole.entropy import max_tsallis_entropy, shannon_entropy, tsallis_entropy, tsallis_entropy_above
 
 
 def test_known_values():
@@ -48,3 +48,22 @@ def test_gradient_finite_at_zero_probability():
 def test_bad_q():
     with pytest.raises(ValueError, match="q must be > 0"):
         tsallis_entropy(torch.ones(3) / 3, q=0.0)
+
+
+@pytest.mark.parametrize("q", [0.5, 1.0, 1.1, 2.0])
+@pytest.mark.parametrize("n", [1, 2, 6])
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_entropy_above_threshold_is_the_normalised_entropy_test(q, n, eps):
+    """The threshold test on the unnormalised sum (DynMoLE eq. 17 as the router evaluates it) takes
+    the decision of ``normalised entropy > threshold`` wherever the two roundings cannot straddle it."""
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(4000, n) * 2, dim=-1)
+    entropy = tsallis_entropy(p, q=q, eps=eps)
+    for threshold in (0.0, 0.3, 0.9, 1.0):
+        above = tsallis_entropy_above(p, threshold, q=q, eps=eps)
+        expected = entropy > threshold
+        clear = (entropy - threshold).abs() > 1e-6
+        assert above.dtype == torch.bool and above.shape == entropy.shape
+        assert torch.equal(above[clear], expected[clear])
+        if n > 1 and 0 < threshold < 1:
+            assert expected.any() and (~expected).any()  # both decisions occur

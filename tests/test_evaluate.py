@@ -112,7 +112,7 @@ def test_rigged_model_gets_full_accuracy(tokenizer):
         )
     ]
     results = evaluate_tasks(RiggedModel(len(tokenizer), yes), tokenizer, {"r": rigged}, progress=False)
-    assert results["tasks"]["r"] == {"acc": 1.0, "acc_norm": 1.0, "n": 3}
+    assert results["tasks"]["r"] == {"acc": 1.0, "acc_norm": 1.0, "n": 3, "truncated": 0}
 
 
 def test_label_scoring_scores_the_letters(tokenizer, examples):
@@ -229,7 +229,8 @@ def test_label_scoring_is_the_argmax_of_the_label_logits(model, tokenizer, examp
     results = evaluate_tasks(model, tokenizer, {"t": examples}, batch_size=4, scoring="label", progress=False)
     acc = sum(p == e.label for p, e in zip(expected, examples)) / len(examples)
     assert results["scoring"] == "label"
-    assert results["tasks"]["t"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc), "n": len(examples)}
+    assert results["tasks"]["t"] == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc), "n": len(examples),
+                                     "truncated": 0}
 
 
 def test_label_training_features_are_the_evaluated_prompt_and_the_gold_label(tokenizer, examples):
@@ -250,3 +251,33 @@ def test_choices_is_the_old_name_of_cloze(model, tokenizer, examples):
     old = evaluate_tasks(model, tokenizer, {"t": examples}, scoring="choices", progress=False)
     new = evaluate_tasks(model, tokenizer, {"t": examples}, scoring="cloze", progress=False)
     assert old == new and new["scoring"] == "cloze"
+
+
+def test_long_prompts_are_cut_as_training_cuts_them_and_counted(model, tokenizer, examples, caplog):
+    import logging
+
+    from dynmole.errors import DynmoleError
+
+    words = ("the sky is blue . " * 200 + "Question : what is hot ? Answer :").split()
+    long = Example("t/long", "t", " ".join(words), (" ice", " fire"), 1)
+    spans = []  # tokens each forward attends over (prefix + suffix with the shared context)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: spans.append(kw["attention_mask"].shape[1]), with_kwargs=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dynmole.evaluate"):
+            result = evaluate_tasks(model, tokenizer, {"t": [long, *examples]}, batch_size=4, progress=False)
+        assert max(spans) <= 64  # the model's max_position_embeddings (1000+ tokens without the cut)
+        spans.clear()
+        cut = score_choices(model, tokenizer, [long], progress=False, max_length=16)
+        assert max(spans) <= 16
+    finally:
+        hook.remove()
+    assert result["tasks"]["t"]["truncated"] == 1 and result["tasks"]["t"]["n"] == len(examples) + 1
+    assert "t: the prompts of 1 of 7 examples were cut from the left to fit 64 tokens" in caplog.text
+    # BOS, then the prompt's last 14 words, then the whole one-token choice: 16 tokens, as encode_example cuts
+    kept = Example("t/kept", "t", " ".join(words[-14:]), long.choices, 1)
+    whole = score_choices(model, tokenizer, [kept], progress=False)
+    assert [s["truncated"] for s in cut] == [True, True] and not any(s["truncated"] for s in whole)
+    torch.testing.assert_close([s["loglik"] for s in cut], [s["loglik"] for s in whole])
+    with pytest.raises(DynmoleError, match=r"example t/long: choice 1 has 3 tokens, too many for the 3-token limit"):
+        score_choices(model, tokenizer, [Example("t/long", "t", long.prompt, (" ice", " sky is blue"), 1)],
+                      progress=False, max_length=3)

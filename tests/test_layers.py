@@ -74,31 +74,41 @@ def test_bad_rank():
         MoLELinear(nn.Linear(4, 4), 2, 0, 1.0, 0.0, _soft_gate)
 
 
+def _identity_features(d: int) -> nn.Linear:
+    """A gate_features map that returns the router's input itself."""
+    features = nn.Linear(d, d)
+    with torch.no_grad():
+        features.weight.copy_(torch.eye(d))
+        features.bias.zero_()
+    return features
+
+
 def test_router_dropout_switch_feeds_the_dropped_input_to_the_router():
     seen = []
 
-    def recording_gate(logits, hidden):
-        seen.append((logits, hidden))
+    def recording_gate(logits, features):
+        seen.append((logits, features))
         return RouteResult(gates=routing.soft(logits))
 
     torch.manual_seed(0)
     x = torch.randn(4, 10) + 3.0  # no exact zeros
     for switch in (False, True):
-        layer = MoLELinear(nn.Linear(10, 7), 3, 2, 4, 0.5, recording_gate, router_dropout=switch).train()
+        layer = MoLELinear(nn.Linear(10, 7), 3, 2, 4, 0.5, recording_gate, router_dropout=switch,
+                           gate_features=_identity_features(10)).train()
         seen.clear()
         layer(x)
-        logits, hidden = seen[0]
+        logits, routed = seen[0]  # the identity features: the router's input
         if switch:  # the experts' dropout mask, applied to the router's and the lambda MLP's input
-            kept = hidden != 0
+            kept = routed != 0
             assert (~kept).any() and kept.any()
-            torch.testing.assert_close(hidden[kept], 2 * x[kept])  # inverted dropout at p = 0.5
-            torch.testing.assert_close(logits, layer.router_logits(hidden))
+            torch.testing.assert_close(routed[kept], 2 * x[kept])  # inverted dropout at p = 0.5
         else:
-            assert torch.equal(hidden, x)
+            torch.testing.assert_close(routed, x)
+        torch.testing.assert_close(logits, routed @ layer.router.T)
         layer.eval()
         seen.clear()
         layer(x)
-        assert torch.equal(seen[0][1], x)  # no dropout at inference either way
+        torch.testing.assert_close(seen[0][1], x)  # no dropout at inference either way
     assert MoLEConfig(method="ldmole").router_sees_dropout
     assert not MoLEConfig(method="dynmole").router_sees_dropout
     assert not MoLEConfig(method="ldmole", router_dropout=False).router_sees_dropout

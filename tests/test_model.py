@@ -5,6 +5,7 @@ import torch
 
 import dynmole
 from dynmole import MoLEConfig, get_mole_model, load_mole_model
+from dynmole.errors import DynmoleError
 from dynmole.layers import MoLELinear
 
 METHODS = list(dynmole.METHODS)
@@ -43,9 +44,10 @@ def test_save_load_round_trip(tiny_llama, tmp_path, method):
     expected = model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(expected, tiny_llama()(input_ids=ids, attention_mask=mask).logits)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # PEFT's files: the model card, the config, the weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["method"] == method and saved["adapter_type"] == "DYNMOLE"
+    assert saved["method"] == method and saved["adapter_type"] == "DYNMOLE" and saved["peft_type"] == "DYNMOLE"
     # adapter weights only: far smaller than the base model
     base_bytes = sum(p.numel() * 4 for p in tiny_llama().parameters())
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < base_bytes
@@ -76,9 +78,10 @@ def test_gradients_reach_adapter_only(tiny_llama, method):
     kinds = {n.rsplit(".", 1)[-1] for n in names}
     assert {"lora_A", "lora_B", "router"} <= kinds
     if method == "ldmole":
-        assert any(n.startswith("lambda_mlps.") for n in names)
+        assert any(n.startswith("base_model.lambda_mlps.") for n in names)
     base_names = {n for n, _ in tiny_llama().named_parameters()}
-    assert not names & {f"base_model.{n}" for n in base_names}
+    assert not names & {f"base_model.model.{n}" for n in base_names}
+    assert not any(".base_layer." in n for n in names)
 
 
 def test_aux_loss_added_and_reported(tiny_llama):
@@ -149,6 +152,9 @@ def test_layerwise_expert_counts(tiny_llama):
     assert counts == {0: {2}, 1: {4}, 2: {6}, 3: {8}}
     listed = get_mole_model(tiny_llama(), MoLEConfig(method="loramoe", num_experts=[3, 5], r=2))
     assert sorted({layer.num_experts for layer in listed.mole_layers()}) == [3, 5]
+    # more groups than layers would leave groups out (here 4 and 8): refused, naming num_experts
+    with pytest.raises(DynmoleError, match="num_experts '2-4-6-8' has 4 layer groups but the model has 2 layer"):
+        get_mole_model(tiny_llama(layers=2), MoLEConfig(method="mola", num_experts="2-4-6-8", top_k=2, r=2))
 
 
 def test_local_lambda_mlps(tiny_llama):
@@ -182,7 +188,7 @@ def test_routing_stats(tiny_llama):
 def test_trainable_parameters_reported(tiny_llama, capsys):
     model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4, num_experts=6))
     model.print_trainable_parameters()
-    trainable, _ = model.trainable_parameters()
+    trainable, _ = model.get_nb_trainable_parameters()
     # per layer: gate/up (32 -> 48) and down (48 -> 32): A + B + router
     per_layer = 2 * (6 * 4 * 32 + 48 * 6 * 4 + 6 * 32) + (6 * 4 * 48 + 32 * 6 * 4 + 6 * 48)
     assert trainable == 2 * per_layer
@@ -199,12 +205,14 @@ def test_trainable_parameters_reported(tiny_llama, capsys):
         ({"method": "mola", "top_k": 7}, "top_k must be in"),
         ({"threshold": 1.2}, r"threshold must be in \[0, 1\]"),
         ({"r": 0}, "rank r must be >= 1"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"alpha": -16}, "alpha must be > 0"),
         ({"method": "moe"}, "unknown method 'moe'"),
         ({"num_experts": "2-x"}, "must look like"),
     ],
 )
 def test_config_validation(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DynmoleError, match=message):
         MoLEConfig(**kwargs)
 
 
@@ -277,7 +285,7 @@ def test_old_adapter_config_loads_with_the_behaviour_it_was_trained_with(tiny_ll
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     data = json.loads(path.read_text())
-    assert data["format_version"] == 2 and data["entropy_eps"] == 1e-5
+    assert data["format_version"] == 3 and data["entropy_eps"] == 1e-5
     for key in ("entropy_eps", "balance_pooling", "router_dropout", "lambda_bias_init"):
         del data[key]
     path.write_text(json.dumps({**data, "format_version": 1, "balance_coef": 0.001, "balance_mode": "soft",
@@ -286,6 +294,18 @@ def test_old_adapter_config_loads_with_the_behaviour_it_was_trained_with(tiny_ll
     assert config.entropy_eps == 0.0 and config.balance_pooling == "module"
     assert config.router_dropout is False and config.lambda_bias_init is None
     assert config.balance_weight == 1e-3 and config.balance_rule == "soft" and config.router_init == 0.02
+
+
+def test_adapter_config_carries_and_requires_every_field(tiny_llama, tmp_path):
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="mola", r=4, alpha=8, top_k=1))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    assert set(MoLEConfig().to_dict()) <= set(data)
+    del data["method"], data["alpha"]  # defaults would give a DynMoLE adapter with scaling 48 / 4
+    path.write_text(json.dumps(data))
+    with pytest.raises(DynmoleError, match=r"adapter_config.json lacks the adapter field\(s\) method, alpha;"):
+        load_mole_model(tiny_llama(), tmp_path)
 
 
 def test_router_init_follows_the_method_reference(tiny_llama):
@@ -311,7 +331,7 @@ def test_ldmole_reference_lambda_init(tiny_llama):
     # initial lambda about logsigmoid(-2.5) + 0.99 = -1.6 (nn.Linear's default init gives about 0.25)
     model.recorder.active = True  # what a training forward records, without the losses
     with torch.no_grad():
-        model.base_model(input_ids=ids, attention_mask=mask)
+        model.get_base_model()(input_ids=ids, attention_mask=mask)
     model.recorder.active = False
     lam = torch.cat([record.route.lam.flatten() for record in model.recorder.take()])
     assert -1.8 < lam.mean().item() < -1.4

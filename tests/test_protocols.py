@@ -11,6 +11,7 @@ import dynmole.pretrained
 import dynmole.train
 from dynmole import cli, job, reproduce
 from dynmole.data import Example, format_examples
+from dynmole.errors import DynmoleError
 
 FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot")]
 
@@ -102,7 +103,7 @@ def test_choices_in_a_config_file_still_runs_as_cloze(tmp_path, trained):
     job.run_job(job_config, train_config, mole)
     assert trained == [TRAIN]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["metadata"]["scoring"] == "cloze"
-    with pytest.raises(SystemExit, match="unknown scoring 'letters'"):
+    with pytest.raises(DynmoleError, match="unknown scoring 'letters'"):
         cli.job_configs(["run", "--scoring", "letters"])
 
 

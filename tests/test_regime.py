@@ -6,7 +6,7 @@ import torch
 
 from dynmole import MoLEConfig
 from dynmole.data import Example
-from dynmole.reproduce import trim_logs
+from dynmole.outputs import trim_logs
 from dynmole.routing_probe import PROBE_LOG_NAME, probe_set, summarize_probe
 from dynmole.train import TrainConfig, adapt_model, router_parameters, scale_parameter_groups, train
 

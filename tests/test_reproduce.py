@@ -36,7 +36,7 @@ def one_thread():
 def toy_inputs(tiny_llama, tiny_tokenizer):
     train = _examples("arc_e", 8) + _examples("boolq", 8)
     return reproduce.Inputs(
-        load_model=lambda: (tiny_llama(seed=0), tiny_tokenizer),
+        load_model=lambda: (tiny_llama(seed=0, layers=4), tiny_tokenizer),  # 4 layers: mola-2468 has 4 groups
         train_examples=lambda seed: train[seed % 2:] + train[: seed % 2],
         eval_examples={"arc_e": _examples("arc_e", 6), "boolq": _examples("boolq", 6)},
         description="tiny random Llama, toy examples",

@@ -5,7 +5,7 @@ import torch
 
 from dynmole import MoLEConfig
 from dynmole.data import load_mixture
-from dynmole.model import MoLEModel, load_mole_model
+from dynmole.model import find_mole, load_mole_model
 from dynmole.pretrained import load_model_and_tokenizer
 from dynmole.train import TrainConfig, adapt_model, train
 
@@ -26,7 +26,7 @@ def test_short_dynmole_training_lowers_loss_and_round_trips(tmp_path, capsys):
     assert len(losses) == 8
     # 8 examples seen twice: the second pass must fit them better than the first did
     assert sum(losses[4:]) < sum(losses[:4])
-    assert isinstance(model, MoLEModel)
+    assert find_mole(model) is not None
     ids = tokenizer(["Question: is the sky blue?\nAnswer:"], return_tensors="pt")
     model.eval()
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -6,8 +7,9 @@ import torch
 from dynmole import MoLEConfig
 from dynmole.data import Example
 from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
-from dynmole.model import MoLEModel
-from dynmole.train import TrainConfig, adapt_model, train
+from dynmole.model import find_mole
+from dynmole.errors import DynmoleError
+from dynmole.train import TrainConfig, adapt_model, check_resume_settings, train
 
 
 def _examples(n=16):
@@ -78,7 +80,8 @@ def test_training_lowers_loss_and_saves(tiny_llama, tiny_tokenizer, tmp_path, me
     assert (adapter / "adapter_model.safetensors").is_file()
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records)
-    if isinstance(model, MoLEModel):
+    if method not in ("lora", "dora"):
+        assert find_mole(model) is not None
         logged = [r for r in records if "loss" in r][0]
         assert "aux_balance" in logged and "experts_per_token" in logged
 
@@ -104,6 +107,32 @@ def test_out_of_memory_suggests_knobs(tiny_llama, tiny_tokenizer, tmp_path, monk
     config = TrainConfig(output_dir=str(tmp_path), max_steps=1, report_to="none")
     with pytest.raises(RuntimeError, match="--batch-size .*--grad-accum.*--gradient-checkpointing"):
         train(model, tiny_tokenizer, _examples(4), config)
+
+
+def test_resume_refuses_other_adapter_settings(tiny_llama, tiny_tokenizer, tmp_path):
+    mole = MoLEConfig(r=4, alpha=8, dropout=0.0)
+    config = TrainConfig(output_dir=str(tmp_path / "mole"), max_steps=1, batch_size=4, save_steps=1,
+                         report_to="none")
+    train(adapt_model(tiny_llama(), "dynmole", mole), tiny_tokenizer, _examples(4), config)
+    resumed = dataclasses.replace(config, max_steps=2, resume=True)
+    other = adapt_model(tiny_llama(), "mola", dataclasses.replace(mole, alpha=16))
+    with pytest.raises(DynmoleError, match=r"checkpoint-1: it was trained with other adapter settings \(method: "
+                       r"'dynmole' in the checkpoint, 'mola' now; alpha: 8 in the checkpoint, 16 now\); .*"
+                       r"use a new --output-dir"):
+        train(other, tiny_tokenizer, _examples(4), resumed)
+    checkpoint = tmp_path / "mole" / "checkpoint-1"
+    with pytest.raises(DynmoleError, match=r"\(r: 4 in the checkpoint, 2 now\)"):  # not "the base model"
+        check_resume_settings(checkpoint, adapt_model(tiny_llama(), "dynmole", dataclasses.replace(mole, r=2)))
+    reordered = dataclasses.replace(mole, target_modules=["down_proj", "up_proj", "gate_proj"])
+    check_resume_settings(checkpoint, adapt_model(tiny_llama(), "dynmole", reordered))  # the same adapter
+    lora = dataclasses.replace(config, output_dir=str(tmp_path / "lora"))
+    train(adapt_model(tiny_llama(), "lora", mole), tiny_tokenizer, _examples(4), lora)
+    checkpoint = tmp_path / "lora" / "checkpoint-1"
+    check_resume_settings(checkpoint, adapt_model(tiny_llama(), "lora", mole))
+    with pytest.raises(DynmoleError, match=r"\(method: 'lora' in the checkpoint, 'dora' now\)"):
+        check_resume_settings(checkpoint, adapt_model(tiny_llama(), "dora", mole))
+    with pytest.raises(DynmoleError, match=r"\(method: 'lora' in the checkpoint, 'dynmole' now\)"):
+        check_resume_settings(checkpoint, adapt_model(tiny_llama(), "dynmole", mole))
 
 
 def test_remole_coefficient_changes_once_per_optimizer_step(tiny_llama, tiny_tokenizer, tmp_path):

@@ -1,6 +1,9 @@
 """MoLEConfig: one dataclass for every MoLE method, with the papers' defaults.
 
 Each field carries its help text in ``metadata["help"]``; the CLI and the docs are built from it.
+MoLEConfig is a ``peft.PeftConfig`` of PEFT type ``DYNMOLE`` (a member this module adds to PEFT's
+``PeftType``), so PEFT and TRL take it where they take a ``LoraConfig``; the fields it inherits
+from PEFT are bookkeeping, and :func:`setting_fields` leaves them out.
 """
 
 from __future__ import annotations
@@ -11,13 +14,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import PeftConfig
+from peft.utils import CONFIG_NAME, PeftType, TaskType
+
+from . import __version__
+from .errors import DynmoleError
 from .io import write_json
 
 METHODS = ("loramoe", "mola", "topp", "dynmole", "ldmole", "remole")
 # 2: fields entropy_eps, balance_pooling, router_dropout, lambda_bias_init; balance_coef,
 # balance_mode and router_init_std may be null (= the method's reference default).
-ADAPTER_FORMAT_VERSION = 2
-ADAPTER_TYPE = "DYNMOLE"
+# 3: PEFT's fields too (peft_type DYNMOLE, task_type CAUSAL_LM, ...), and the weights under the keys
+# PEFT gives them (``base_model.model.<module>.lora_A``): ``peft.PeftModel.from_pretrained`` reads it.
+ADAPTER_FORMAT_VERSION = 3
+ADAPTER_TYPE = "DYNMOLE"  # our marker in adapter_config.json, and the PEFT type's name
+PEFT_FIELDS = frozenset(f.name for f in dataclasses.fields(PeftConfig))
+
+
+def _add_peft_type(name: str) -> PeftType:
+    """PEFT's ``PeftType`` member ``name``, added to the enum when it is not there yet.
+
+    ``peft.register_peft_method`` registers a method only under a name the enum lists, and PEFT
+    has no call that adds one; this adds it as the enum itself adds members (Python 3.10-3.13).
+    """
+    if name in PeftType.__members__:
+        return PeftType[name]
+    member = str.__new__(PeftType, name)
+    member._name_ = member._value_ = name
+    PeftType._member_map_[name] = member
+    PeftType._value2member_map_[name] = member
+    PeftType._member_names_.append(name)
+    type.__setattr__(PeftType, name, member)
+    return member
+
+
+PEFT_TYPE = _add_peft_type(ADAPTER_TYPE)
+
+
+def setting_fields(cls: type) -> tuple[dataclasses.Field, ...]:
+    """The fields of the settings dataclass ``cls`` that a user sets (CLI options, config files,
+    results records): all of them but those :class:`MoLEConfig` inherits from ``peft.PeftConfig``."""
+    return tuple(f for f in dataclasses.fields(cls) if f.name not in PEFT_FIELDS)
 
 # Entropy-loss coefficient when the user leaves it unset: only DynMoLE uses it (eq. 19).
 _DEFAULT_ENTROPY_COEF = {"dynmole": 1e-2}
@@ -34,9 +71,15 @@ _DEFAULT_ROUTER_INIT_STD = {"remole": 0.02}  # others: nn.Linear's kaiming-unifo
 BALANCE_MODES = ("soft", "switch", "ldmole")
 BALANCE_POOLINGS = ("pooled", "module")
 
-# Fields added after format_version 1: an adapter_config.json without them was trained with
+# Fields added after format_version 1: an adapter_config.json of version 1 was trained with
 # these values, so it loads with them (the behaviour it was trained with).
 _LEGACY_VALUES = {"entropy_eps": 0.0, "balance_pooling": "module", "router_dropout": False, "lambda_bias_init": None}
+
+
+def is_dynmole_adapter_config(data: Any) -> bool:
+    """Whether parsed ``adapter_config.json`` content is a dynmole adapter's: it carries our
+    ``adapter_type`` marker (whatever PEFT fields, such as ``peft_type``, it also holds)."""
+    return isinstance(data, dict) and data.get("adapter_type") == ADAPTER_TYPE
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -44,8 +87,10 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class MoLEConfig:
-    """Configuration of a Mixture-of-LoRA-Experts adapter."""
+class MoLEConfig(PeftConfig):
+    """Configuration of a Mixture-of-LoRA-Experts adapter, and the ``peft.PeftConfig`` of the PEFT
+    method ``DYNMOLE`` (``peft.get_peft_model(model, MoLEConfig(...))`` builds a MoLE model once
+    dynmole is imported). ``peft_type`` and ``task_type`` (CAUSAL_LM) are set here."""
 
     method: str = _help(
         "Routing method: loramoe (soft), mola (top-k), topp, dynmole (hybrid), ldmole (sparsegen), remole (ReLU).",
@@ -138,6 +183,12 @@ class MoLEConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.peft_type not in (None, PEFT_TYPE):
+            raise DynmoleError(f"a MoLEConfig has peft_type {PEFT_TYPE.value}, got {self.peft_type!r}")
+        if self.task_type not in (None, TaskType.CAUSAL_LM):
+            raise DynmoleError(f"MoLE adapts causal language models: task_type must be CAUSAL_LM, got {self.task_type!r}")
+        self.peft_type, self.task_type = PEFT_TYPE, TaskType.CAUSAL_LM
+        super().__post_init__()
         if isinstance(self.target_modules, str):
             self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
         self.validate()
@@ -185,48 +236,50 @@ class MoLEConfig:
         return _DEFAULT_ROUTER_INIT_STD.get(self.method)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field."""
+        """Raise :class:`DynmoleError` naming the first bad field."""
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise DynmoleError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.r < 1:
-            raise ValueError(f"rank r must be >= 1, got {self.r}")
+            raise DynmoleError(f"rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise DynmoleError(f"alpha must be > 0 (the expert output is scaled by alpha / r), got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise DynmoleError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ValueError("target_modules is empty")
+            raise DynmoleError("target_modules is empty")
         counts = self.expert_counts_spec()
         if any(n < 1 for n in counts):
-            raise ValueError(f"every expert count must be >= 1, got {self.num_experts!r}")
+            raise DynmoleError(f"every expert count must be >= 1, got {self.num_experts!r}")
         smallest = min(counts)
         if self.q <= 0:
-            raise ValueError(f"Tsallis q must be > 0, got {self.q}")
+            raise DynmoleError(f"Tsallis q must be > 0, got {self.q}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise DynmoleError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_p_mode not in ("paper", "reference"):
-            raise ValueError(f"top_p_mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
+            raise DynmoleError(f"top_p_mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
         if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"entropy threshold must be in [0, 1], got {self.threshold}")
+            raise DynmoleError(f"entropy threshold must be in [0, 1], got {self.threshold}")
         if self.method == "dynmole" and not 1 <= self.keep_top_k <= smallest:
-            raise ValueError(f"keep_top_k must be in [1, num_experts={smallest}], got {self.keep_top_k}")
+            raise DynmoleError(f"keep_top_k must be in [1, num_experts={smallest}], got {self.keep_top_k}")
         if self.method == "mola" and not 1 <= self.top_k <= smallest:
-            raise ValueError(f"top_k must be in [1, num_experts={smallest}], got {self.top_k}")
+            raise DynmoleError(f"top_k must be in [1, num_experts={smallest}], got {self.top_k}")
         if self.method == "ldmole" and self.lambda_hidden < 1:
-            raise ValueError(f"lambda_hidden must be >= 1, got {self.lambda_hidden}")
+            raise DynmoleError(f"lambda_hidden must be >= 1, got {self.lambda_hidden}")
         if self.method == "ldmole" and self.sparsity_k < 1:
-            raise ValueError(f"sparsity_k must be >= 1, got {self.sparsity_k}")
+            raise DynmoleError(f"sparsity_k must be >= 1, got {self.sparsity_k}")
         if self.balance_mode is not None and self.balance_mode not in BALANCE_MODES:
-            raise ValueError(f"balance_mode must be one of {', '.join(BALANCE_MODES)}, got {self.balance_mode!r}")
+            raise DynmoleError(f"balance_mode must be one of {', '.join(BALANCE_MODES)}, got {self.balance_mode!r}")
         if self.balance_pooling is not None and self.balance_pooling not in BALANCE_POOLINGS:
-            raise ValueError(
+            raise DynmoleError(
                 f"balance_pooling must be one of {', '.join(BALANCE_POOLINGS)}, got {self.balance_pooling!r}"
             )
         if not 0.0 <= self.entropy_eps < 1.0:
-            raise ValueError(f"entropy_eps must be in [0, 1), got {self.entropy_eps}")
+            raise DynmoleError(f"entropy_eps must be in [0, 1), got {self.entropy_eps}")
         if self.router_init_std is not None and self.router_init_std < 0:
-            raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
+            raise DynmoleError(f"router_init_std must be >= 0, got {self.router_init_std}")
         for name in ("balance_coef", "entropy_coef", "sparsity_coef"):
             if (getattr(self, name) or 0.0) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise DynmoleError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def expert_counts_spec(self) -> list[int]:
         """The expert counts as written: one int, a list, or the groups of 'a-b-c-d'."""
@@ -236,7 +289,7 @@ class MoLEConfig:
             try:
                 return [int(part) for part in self.num_experts.split("-")]
             except ValueError:
-                raise ValueError(f"num_experts string must look like '2-4-6-8', got {self.num_experts!r}") from None
+                raise DynmoleError(f"num_experts string must look like '2-4-6-8', got {self.num_experts!r}") from None
         return [int(n) for n in self.num_experts]
 
     def experts_for_layer(self, layer: int | None, num_layers: int) -> int:
@@ -246,50 +299,84 @@ class MoLEConfig:
             return self.num_experts
         if isinstance(self.num_experts, list):
             if len(counts) != num_layers:
-                raise ValueError(f"num_experts lists {len(counts)} layers but the model has {num_layers}")
+                raise DynmoleError(f"num_experts lists {len(counts)} layers but the model has {num_layers}")
             return counts[layer or 0]
-        group = min((layer or 0) * len(counts) // max(num_layers, 1), len(counts) - 1)
+        if len(counts) > num_layers:
+            raise DynmoleError(
+                f"num_experts {self.num_experts!r} has {len(counts)} layer groups but the model has {num_layers} "
+                f"layer(s): give at most {num_layers} groups"
+            )
+        group = min((layer or 0) * len(counts) // num_layers, len(counts) - 1)
         return counts[group]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The adapter's settings (:func:`setting_fields`), as results files record them;
+        :meth:`save_pretrained` writes them beside PEFT's fields."""
+        return {name: value for name, value in dataclasses.asdict(self).items() if name not in PEFT_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoLEConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown MoLEConfig fields: {', '.join(unknown)}")
+            raise DynmoleError(f"unknown MoLEConfig fields: {', '.join(unknown)}")
         return cls(**data)
 
-    def save(self, path: str | Path, **extra: Any) -> None:
-        """Write ``adapter_config.json`` (atomically), with ``extra`` metadata beside the fields."""
-        write_json(path, {"adapter_type": ADAPTER_TYPE, "format_version": ADAPTER_FORMAT_VERSION, **extra, **self.to_dict()})
+    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory``, atomically (``PeftModel.save_pretrained``
+        calls this): our ``adapter_type`` marker, ``format_version`` and version, PEFT's fields, the settings."""
+        peft_fields = {name: getattr(self, name) for name in sorted(PEFT_FIELDS)}
+        write_json(Path(save_directory) / CONFIG_NAME, {
+            "adapter_type": ADAPTER_TYPE, "format_version": ADAPTER_FORMAT_VERSION, "dynmole_version": __version__,
+            **peft_fields, **self.to_dict(),
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> "MoLEConfig":
-        """Read ``adapter_config.json``, refusing other adapter types and newer format versions.
-
-        A field the file lacks (it was saved before the field existed) takes the value that gives
-        the behaviour the adapter was trained with (``_LEGACY_VALUES``), not today's default."""
+        """Read ``adapter_config.json`` (:meth:`saved_kwargs`), also of format versions 1 and 2,
+        which PEFT cannot read (they lack ``peft_type``)."""
         try:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err})") from None
+            raise DynmoleError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} does not hold a JSON object")
-        kind = data.pop("adapter_type", None)
-        if kind != ADAPTER_TYPE:
+            raise DynmoleError(f"{path} does not hold a JSON object")
+        return cls(**cls.saved_kwargs(data, path))
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook between reading ``adapter_config.json`` and building the config
+        (``PeftConfig.from_pretrained``, ``PeftModel.from_pretrained``): :meth:`saved_kwargs`."""
+        return cls.saved_kwargs(kwargs, CONFIG_NAME)
+
+    @classmethod
+    def saved_kwargs(cls, data: dict[str, Any], source: str | Path) -> dict[str, Any]:
+        """The constructor arguments of an ``adapter_config.json``'s content ``data`` (read from
+        ``source``), refusing other adapter types, newer format versions, unknown fields and files
+        that lack a setting (:meth:`save_pretrained` writes every one).
+
+        A format-version-1 file lacks the fields added in version 2; they take the values that give
+        the behaviour the adapter was trained with (``_LEGACY_VALUES``), not today's defaults."""
+        if not is_dynmole_adapter_config(data):
             hint = " (a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in data else ""
-            raise ValueError(f"{path} is not a dynmole adapter config: adapter_type={kind!r}{hint}")
+            raise DynmoleError(f"{source} is not a dynmole adapter config: adapter_type={data.get('adapter_type')!r}{hint}")
+        data = {key: value for key, value in data.items() if key not in ("adapter_type", "dynmole_version")}
         version = data.pop("format_version", None)
         if not isinstance(version, int) or version > ADAPTER_FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has format_version={version!r}; this dynmole reads versions up to "
+            raise DynmoleError(
+                f"{source} has format_version={version!r}; this dynmole reads versions up to "
                 f"{ADAPTER_FORMAT_VERSION}: upgrade dynmole"
             )
-        for key in ("base_model_name_or_path", "dynmole_version"):
-            data.pop(key, None)
-        for key, value in _LEGACY_VALUES.items():
-            data.setdefault(key, value)
-        return cls.from_dict(data)
+        if version < 2:
+            for key, value in _LEGACY_VALUES.items():
+                data.setdefault(key, value)
+        missing = [f.name for f in setting_fields(cls) if f.name not in data]
+        if missing:
+            raise DynmoleError(
+                f"{source} lacks the adapter field(s) {', '.join(missing)}; dynmole saves every field, so the file "
+                "is incomplete or was edited: restore them (or save the adapter again)"
+            )
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DynmoleError(f"{source} holds unknown MoLEConfig fields: {', '.join(unknown)}: upgrade dynmole")
+        return data

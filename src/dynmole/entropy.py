@@ -43,6 +43,18 @@ def shannon_entropy(p: torch.Tensor, normalize: bool = True, eps: float = 0.0) -
     return tsallis_entropy(p, q=1.0, normalize=normalize, eps=eps)
 
 
+def _entropy_sum(p: torch.Tensor, q: float, eps: float) -> torch.Tensor:
+    """The sum that eq. 9 (eq. 12 at ``q == 1``) maps affinely to the entropy, over the last dim:
+    ``sum_i p_i^q``, or ``sum_i p_i log p_i`` at ``q == 1``, of ``p + eps`` in at least fp32."""
+    p = upcast(p)
+    if eps:
+        p = p + eps
+    if q == 1.0:
+        return (p * torch.log(p.clamp_min(_TINY))).sum(dim=-1)
+    base = p if q > 1.0 else p.clamp_min(_TINY)
+    return base.pow(q).sum(dim=-1)
+
+
 def tsallis_entropy(
     p: torch.Tensor, q: float = 1.1, normalize: bool = True, eps: float = 0.0
 ) -> torch.Tensor:
@@ -62,17 +74,28 @@ def tsallis_entropy(
     """
     if q <= 0:
         raise ValueError(f"Tsallis entropic index q must be > 0, got {q}")
-    p = upcast(p)
-    if eps:
-        p = p + eps
-    if q == 1.0:
-        entropy = -(p * torch.log(p.clamp_min(_TINY))).sum(dim=-1)
-    else:
-        base = p if q > 1.0 else p.clamp_min(_TINY)
-        entropy = (1.0 - base.pow(q).sum(dim=-1)) / (q - 1.0)
+    total = _entropy_sum(p, q, eps)
+    entropy = -total if q == 1.0 else (1.0 - total) / (q - 1.0)
     if not normalize:
         return entropy
     s_max = max_tsallis_entropy(p.shape[-1], q)
     if s_max == 0.0:
         return torch.zeros_like(entropy)
     return entropy / s_max
+
+
+def tsallis_entropy_above(p: torch.Tensor, threshold: float, q: float = 1.1, eps: float = 0.0) -> torch.Tensor:
+    """``tsallis_entropy(p, q, normalize=True, eps=eps) > threshold`` (DynMoLE eq. 17's test), with
+    the normalisation moved into the threshold: the sum of eq. 9 is compared with a constant, two
+    ops fewer per call. ``S_q / S_max = (1 - sum_i p_i^q) / c`` with ``c = (q - 1) S_max =
+    1 - N^(1-q)``, whose sign is that of ``q - 1`` (at ``q == 1``: ``-sum_i p_i log p_i / log N``).
+    The same decision as the normalised entropy's except where the two roundings straddle the
+    threshold (a last-bit difference). Returns a boolean tensor of shape ``p.shape[:-1]``."""
+    s_max = max_tsallis_entropy(p.shape[-1], q)
+    if s_max == 0.0:  # one outcome: the normalised entropy is 0
+        return torch.zeros(p.shape[:-1], dtype=torch.bool, device=p.device)
+    total = _entropy_sum(p, q, eps)
+    if q == 1.0:
+        return total < -threshold * s_max
+    bound = 1.0 - threshold * (q - 1.0) * s_max
+    return total < bound if q > 1.0 else total > bound

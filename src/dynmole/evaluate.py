@@ -12,6 +12,7 @@ with any callable causal LM returning ``.logits``: a HF model or a :class:`dynmo
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -22,8 +23,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .data import Example, format_examples, scoring_protocol
-from .data.tokenize import encode_answer, encode_prompt
+from .data.tokenize import encode_answer, encode_prompt, truncate_prompt
+from .errors import DynmoleError
 from .io import write_json
+
+logger = logging.getLogger(__name__)
 
 _METRIC_TEXT = {
     ("cloze", "acc"): "summed log-likelihood of each answer",
@@ -42,6 +46,7 @@ class _Request:
     context: list[int]
     continuation: list[int]
     num_chars: int
+    truncated: bool = False
 
 
 def describe_scoring(scoring: str) -> str:
@@ -63,15 +68,30 @@ def _context_prefix(tokenizer: Any) -> list[int]:
     """The token an empty prompt is replaced by, so that the first answer token is predicted."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
-        raise ValueError("an example has an empty prompt and the tokenizer has no BOS or EOS token")
+        raise DynmoleError("an example has an empty prompt and the tokenizer has no BOS or EOS token")
     return [token]
 
 
-def _requests(tokenizer: Any, examples: list[Example], scoring: str) -> list[_Request]:
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model``'s config says it takes (``max_position_embeddings`` or
+    ``n_positions`` of its text config), or None when it says none."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _requests(tokenizer: Any, examples: list[Example], scoring: str, max_length: int | None = None) -> list[_Request]:
     """One :class:`_Request` per (example, choice), tokenised as in training (``encode_example``):
     prompt and choice as one text, split after the prompt's own tokens (:func:`encode_answer`,
     as lm-evaluation-harness); the tokenizer's special tokens (e.g. Gemma's <bos>) lead the
-    context, and the continuation has none."""
+    context, and the continuation has none. A pair longer than ``max_length`` tokens has its
+    context cut from the left after those special tokens, as training cuts the prompt
+    (:func:`truncate_prompt`), and is marked ``truncated``; the choice is always kept whole."""
     requests = []
     for index, example in enumerate(format_examples(examples, scoring)):
         lead, body = encode_prompt(tokenizer, example.prompt)
@@ -79,8 +99,15 @@ def _requests(tokenizer: Any, examples: list[Example], scoring: str) -> list[_Re
             context, continuation = encode_answer(tokenizer, example.prompt, body, text)
             context = lead + context or _context_prefix(tokenizer)
             if not continuation:
-                raise ValueError(f"example {example.id}: choice {choice} ({text!r}) has no tokens")
-            requests.append(_Request(index, choice, context, continuation, len(text)))
+                raise DynmoleError(f"example {example.id}: choice {choice} ({text!r}) has no tokens")
+            truncated = max_length is not None and len(context) + len(continuation) > max_length
+            if truncated:
+                if len(continuation) >= max_length:
+                    raise DynmoleError(f"example {example.id}: choice {choice} has {len(continuation)} tokens, "
+                                       f"too many for the {max_length}-token limit (eval_cutoff_len) with any "
+                                       "prompt before it")
+                context = truncate_prompt(tokenizer, context, max_length - len(continuation))
+            requests.append(_Request(index, choice, context, continuation, len(text), truncated))
     return requests
 
 
@@ -296,6 +323,7 @@ def score_choices(
     progress: bool = True,
     scoring: str = "cloze",
     share_context: bool = True,
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
     """Log-likelihood of every (example, choice) pair.
 
@@ -314,12 +342,16 @@ def score_choices(
         share_context: run each distinct context once, with the KV cache, and only the choices
             after it (the same log-likelihoods, up to float rounding). Models without a KV cache,
             and models collecting routing statistics, run every pair as one sequence.
+        max_length: the most tokens of prompt + choice; a longer prompt loses its start (after
+            its leading special tokens), as in training. None: the model's context length
+            (:func:`context_length`; no limit when its config names none).
 
     Returns:
         One dict per pair, in example then choice order: ``id``, ``task``, ``choice`` (index),
-        ``loglik`` (summed log-prob), ``num_tokens`` and ``num_chars`` of the continuation.
+        ``loglik`` (summed log-prob), ``num_tokens`` and ``num_chars`` of the continuation, and
+        ``truncated`` (whether its prompt was cut to ``max_length``).
     """
-    requests = _requests(tokenizer, examples, scoring)
+    requests = _requests(tokenizer, examples, scoring, max_length or context_length(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     desc = f"scoring {examples[0].task}" if examples else "scoring"
 
@@ -344,6 +376,7 @@ def score_choices(
             "loglik": loglik,
             "num_tokens": len(r.continuation),
             "num_chars": r.num_chars,
+            "truncated": r.truncated,
         }
         for r, loglik in zip(requests, logliks)
     ]
@@ -397,25 +430,39 @@ def evaluate_tasks(
     progress: bool = True,
     *,
     return_predictions: bool = False,
+    max_length: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy on each task and their unweighted mean.
 
-    Returns ``{"tasks": {task: {"acc", "acc_norm", "n"}}, "average": {"acc", "acc_norm"},
+    Returns ``{"tasks": {task: {"acc", "acc_norm", "n", "truncated"}}, "average": {"acc", "acc_norm"},
     "scoring": protocol}``, the protocol ``"cloze"`` or ``"label"`` (``"choices"`` is read as
     ``"cloze"``); the average is the plain mean over tasks (each task counts once). Under ``label``
     every choice is one label token, so there is nothing to normalise: ``acc_norm`` is ``acc``.
     With ``return_predictions`` the result also has ``"predictions": {task: ...}``, each task's
     per-example predictions (:func:`predictions`: parallel lists ``id``, ``label``, ``acc``,
     ``acc_norm``), which the paired tests of ``dynmole.analysis.significance`` need.
+    ``truncated`` counts the examples whose prompt was cut to ``max_length`` tokens (see
+    :func:`score_choices`); each task with any is also logged as a warning. Running out of memory
+    raises ``torch.OutOfMemoryError`` naming the task and the options that use less.
     """
     protocol = scoring_protocol(scoring)
+    max_length = max_length or context_length(model)
     tasks, predicted = {}, {}
     for task, examples in examples_by_task.items():
-        scores = score_choices(model, tokenizer, examples, batch_size, progress, protocol)
+        try:
+            scores = score_choices(model, tokenizer, examples, batch_size, progress, protocol, max_length=max_length)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while evaluating {task} ({err}). Knobs to turn: --eval-batch-size, --eval-cutoff-len"
+            ) from err
         predicted[task] = predictions(examples, scores)
         if protocol == "label":  # one label token per choice: acc_norm is acc
             predicted[task]["acc_norm"] = list(predicted[task]["acc"])
-        tasks[task] = _accuracy_of(predicted[task])
+        truncated = len({score["id"] for score in scores if score["truncated"]})
+        if truncated:
+            logger.warning("%s: the prompts of %d of %d examples were cut from the left to fit %d tokens",
+                           task, truncated, len(examples), max_length)
+        tasks[task] = {**_accuracy_of(predicted[task]), "truncated": truncated}
     average = {
         metric: sum(t[metric] for t in tasks.values()) / len(tasks) if tasks else 0.0
         for metric in ("acc", "acc_norm")

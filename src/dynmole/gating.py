@@ -4,40 +4,35 @@ name to its routing rule, so that :class:`~dynmole.layers.MoLELinear` never bran
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
-from torch import nn
 
 from . import routing
 from .config import MoLEConfig
 from .layers import GateFn, RouteResult
+from .routing import DynamicRouter, LambdaMLP
 
 
-def _plain(rule, logits: torch.Tensor, hidden: torch.Tensor) -> RouteResult:
+def _plain(rule: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, features: torch.Tensor | None) -> RouteResult:
     return RouteResult(gates=rule(logits))
 
 
-def _dynamic(config: MoLEConfig, logits: torch.Tensor, hidden: torch.Tensor) -> RouteResult:
-    gates, soft_branch = routing.dynamic_route(
-        logits,
-        q=config.q,
-        threshold=config.threshold if config.soft_routing else None,
-        top_p=config.top_p,
-        keep_top_k=config.keep_top_k,
-        renormalize=config.renormalize,
-        top_p_mode=config.top_p_mode,
-        eps=config.entropy_eps,
-    )
+def _dynamic(router: DynamicRouter, logits: torch.Tensor, features: torch.Tensor | None) -> RouteResult:
+    gates, soft_branch = router(logits)
     return RouteResult(gates=gates, soft_branch=soft_branch)
 
 
-def _sparsegen(lambda_mlp: nn.Module, logits: torch.Tensor, hidden: torch.Tensor) -> RouteResult:
-    lam = lambda_mlp(hidden)
+def _sparsegen(lambda_mlp: LambdaMLP, logits: torch.Tensor, features: torch.Tensor | None) -> RouteResult:
+    if features is None:
+        raise ValueError("ldmole's gate needs the lambda MLP's first layer as the layer's gate_features")
+    lam = lambda_mlp.head(features)
     return RouteResult(gates=routing.sparsegen(logits, lam), lam=lam)
 
 
-def build_gate_fn(config: MoLEConfig, num_experts: int, lambda_mlp: nn.Module | None = None) -> GateFn:
-    """The gate function of one adapted module with ``num_experts`` experts."""
+def build_gate_fn(config: MoLEConfig, num_experts: int, lambda_mlp: LambdaMLP | None = None) -> GateFn:
+    """The gate function of one adapted module with ``num_experts`` experts. For ``ldmole`` the
+    layer must get ``lambda_mlp.fc1`` as its ``gate_features``: the gate reads that layer's output."""
     method = config.method
     if method == "loramoe":
         return partial(_plain, routing.soft)
@@ -47,7 +42,16 @@ def build_gate_fn(config: MoLEConfig, num_experts: int, lambda_mlp: nn.Module | 
         rule = partial(routing.top_p, p=config.top_p, mode=config.top_p_mode, renormalize=config.renormalize)
         return partial(_plain, rule)
     if method == "dynmole":
-        return partial(_dynamic, config)
+        router = DynamicRouter(
+            q=config.q,
+            threshold=config.threshold if config.soft_routing else None,
+            top_p=config.top_p,
+            keep_top_k=config.keep_top_k,
+            renormalize=config.renormalize,
+            top_p_mode=config.top_p_mode,
+            eps=config.entropy_eps,
+        )
+        return partial(_dynamic, router)
     if method == "remole":
         return partial(_plain, routing.relu)
     if method == "ldmole":

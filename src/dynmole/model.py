@@ -1,6 +1,12 @@
-"""Inject MoLE layers into a HF causal LM, collect aux losses and routing stats, save/load.
+"""MoLE as a PEFT method: the tuner that injects MoLE layers into a HF causal LM, adds the aux
+losses to its loss and collects routing statistics; and the two ways in, :func:`get_mole_model`
+and :func:`load_mole_model`.
 
-This is the only module that walks a HF model.
+``import dynmole`` registers the method with PEFT under the PEFT type ``DYNMOLE``, so
+``peft.get_peft_model(model, MoLEConfig(...))`` and ``peft.PeftModel.from_pretrained(model,
+adapter_dir)`` build a MoLE model, and TRL's trainers take ``peft_config=MoLEConfig(...)``;
+:func:`get_mole_model` and :func:`load_mole_model` call those two. This is the only module that
+walks a HF model.
 """
 
 from __future__ import annotations
@@ -11,23 +17,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from peft import PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, register_peft_method
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import distributed as dist
 from torch import nn
 
-from . import __version__
-from .config import MoLEConfig
+from .config import ADAPTER_TYPE, PEFT_TYPE, MoLEConfig
+from .errors import DynmoleError
 from .gating import build_gate_fn
-from .io import atomic_write
-from .layers import MoLELinear, RoutingRecorder
+from .layers import MoLELinear, RoutingRecorder, reuse_stacked_weights
 from .losses import aux_losses
 from .routing import LambdaMLP, update_l1_coefficient
 from .stats import RoutingStats
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_PEFT_PREFIX = "base_model."  # PEFT's keys: "base_model.model.<HF module>..." and "base_model.<tuner attribute>"
+_TUNER_STATE = ("lambda_mlps.", "relu_l1_coef")  # keys of the tuner's own weights in an adapter saved before PEFT
 
 
 def _layer_index(name: str) -> int | None:
@@ -42,6 +51,22 @@ def _num_layers(model: nn.Module, names: list[str]) -> int:
         layers = getattr(config.get_text_config(), "num_hidden_layers", None)
     indices = [i for i in map(_layer_index, names) if i is not None]
     return int(layers) if layers else (max(indices) + 1 if indices else 1)
+
+
+def _target_linears(model: nn.Module, config: MoLEConfig) -> list[str]:
+    """Names of the linear modules of ``model`` that ``config.target_modules`` names (by their last
+    component); raises naming the model's linear modules when a target name matches none."""
+    wanted = set(config.target_modules)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    found = [name for name in linears if name.rsplit(".", 1)[-1] in wanted]
+    missing = wanted - {name.rsplit(".", 1)[-1] for name in found}
+    if not found or missing:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linears})
+        raise DynmoleError(
+            f"target module(s) {sorted(missing or wanted)} not found in the model; "
+            f"its linear modules are: {', '.join(available)}"
+        )
+    return found
 
 
 def _loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | float:
@@ -64,36 +89,67 @@ def _loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | fl
     return count / max(items, 1)
 
 
-class MoLEModel(nn.Module):
-    """A HF causal LM whose target linear layers are :class:`MoLELinear`.
+def _add_to_loss(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """Add the aux loss to the loss of ``outputs``, weighted by :func:`_loss_share`.
+
+    TRL's fused LM head (``add_fused_lm_head``, which TRL's trainers put on the model) returns a
+    ``FusedCausalLMOutput`` whose ``log_probs`` the trainer turns into its loss,
+    ``-sum(log_probs) / n`` with ``n`` the answer tokens of the micro-batch or of the step; there the
+    aux loss is also subtracted from every answer position's log-probability, which adds it to that
+    loss with the same weight, ``answer tokens / n``, and keeps ``loss == -sum(log_probs) / n``.
+    """
+    if getattr(outputs, "loss", None) is not None:
+        outputs.loss = outputs.loss + aux * _loss_share(kwargs, aux)
+    log_probs, mask = getattr(outputs, "log_probs", None), getattr(outputs, "label_mask", None)
+    if log_probs is not None and mask is not None:
+        outputs.log_probs = log_probs - aux.to(log_probs.dtype) * mask
+
+
+class MoLEModel(BaseTuner):
+    """PEFT's tuner of the ``DYNMOLE`` method: the HF causal LM ``self.model`` with
+    :class:`MoLELinear` layers in place of its target linear layers.
+
+    PEFT builds it inside a ``PeftModelForCausalLM`` (``peft_model.base_model``), whose attribute
+    look-ups fall through to it, so ``peft_model.last_aux_losses``,
+    ``peft_model.collect_routing_stats()`` and ``peft_model.update_remole_coefficient()`` work;
+    :func:`find_mole` finds it in a wrapped model. One adapter per model (PEFT names it
+    ``default``); the experts cannot be merged into the base weights.
 
     ``forward`` accepts what the base model accepts; when labels are given in training mode the
     returned ``loss`` is the LM loss plus the method's auxiliary losses, and
-    ``last_aux_losses`` holds each part (tensors, for logging). Attributes not found here are
-    looked up on the base model, as PEFT's ``PeftModel`` does.
+    ``last_aux_losses`` holds each part (tensors, for logging).
 
     Gradient accumulation: when the caller passes ``num_items_in_batch`` (the answer tokens of the
-    whole optimizer step, as the HF ``Trainer``, TRL's ``SFTTrainer`` and transformers' recipe for
-    accelerate loops do), the LM loss is a sum over this micro-batch's tokens divided by that count
-    and the caller neither divides it by the accumulation steps nor leaves it per process. The aux
-    loss is then weighted by the same share, ``this micro-batch's answer tokens / num_items_in_batch``
-    (:func:`_loss_share`), so whatever the caller does to the LM loss (multiplying it by the number
-    of processes, DDP averaging) it does alike to the aux loss: per optimizer step the aux loss is
-    the answer-token-weighted mean over micro-batches (and processes), which is the plain mean of
-    ``MoLETrainer`` when the micro-batches hold equally many answer tokens (the forward cannot
-    know the accumulation steps or the process count that plain mean needs). Without
+    whole optimizer step, as the HF ``Trainer`` and transformers' recipe for accelerate loops do),
+    the LM loss is a sum over this micro-batch's tokens divided by that count and the caller neither
+    divides it by the accumulation steps nor leaves it per process. The aux loss is then weighted by
+    the same share, ``this micro-batch's answer tokens / num_items_in_batch`` (:func:`_loss_share`),
+    so whatever the caller does to the LM loss (multiplying it by the number of processes, DDP
+    averaging) it does alike to the aux loss: per optimizer step the aux loss is the
+    answer-token-weighted mean over micro-batches (and processes), which is the plain mean of
+    ``MoLETrainer`` when the micro-batches hold equally many answer tokens (the forward cannot know
+    the accumulation steps or the process count that plain mean needs). Without
     ``num_items_in_batch`` the loss is the micro-batch's (LM mean + aux), as in a loop of your own
-    that divides it by the accumulation steps.
+    that divides it by the accumulation steps. TRL's trainers compute their loss from the
+    per-token log-probabilities of their fused LM head: :func:`_add_to_loss` puts the aux loss
+    there with the same weighting.
 
     The new layers start in the mode (train/eval) of the model they wrap. ReMoLE's L1
     coefficient changes only in :meth:`update_remole_coefficient`, once per optimizer step
-    (``MoLETrainer`` calls it; a loop of your own calls it after ``optimizer.step()``).
+    (``MoLETrainer`` calls it; under another trainer pass
+    ``callbacks=[dynmole.train.ReMoLECoefficientCallback()]``; a loop of your own calls it after
+    ``optimizer.step()``).
     """
 
-    def __init__(self, model: nn.Module, config: MoLEConfig) -> None:
-        super().__init__()
-        self.base_model = model
-        self.mole_config = config
+    prefix = "dynmole_"
+    tuner_layer_cls = MoLELinear
+    uses_shared_state = True  # the routing recorder and LD-MoLE's shared lambda MLPs
+
+    # ---------------------------------------------------------------- injection (PEFT's hooks)
+    def _pre_injection_hook(self, model: nn.Module, config: MoLEConfig, adapter_name: str) -> None:
+        """Check the target modules and set up what the layers share and the loss and statistics
+        state, before PEFT injects the layers."""
+        self._num_layers = _num_layers(model, _target_linears(model, config))
         self.recorder = RoutingRecorder()
         self.stats = RoutingStats(q=config.q, threshold=config.threshold, eps=config.entropy_eps)
         self.stats_enabled = False
@@ -109,29 +165,17 @@ class MoLEModel(nn.Module):
         # ReMoLE: sum of the active-expert statistic over the micro-batches since the last update.
         self._remole_active_sum: torch.Tensor | None = None
         self._remole_micro_batches = 0
-        for param in model.parameters():
-            param.requires_grad_(False)
-        self._inject()
-        self._set_new_modules_mode(model.training)
 
-    # ---------------------------------------------------------------- injection
-    def _targets(self) -> list[tuple[str, nn.Linear]]:
-        wanted = set(self.mole_config.target_modules)
-        linears = [(n, m) for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)]
-        found = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in wanted]
-        missing = wanted - {n.rsplit(".", 1)[-1] for n, _ in found}
-        if not found or missing:
-            available = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-            raise ValueError(
-                f"target module(s) {sorted(missing or wanted)} not found in the model; "
-                f"its linear modules are: {', '.join(available)}"
+    def _check_new_adapter_config(self, config: MoLEConfig) -> None:
+        if len(self.peft_config) > 1:
+            raise DynmoleError(
+                "a MoLE model holds one adapter: load the other adapter into a base model of its own"
             )
-        return found
 
     def _lambda_mlp(self, in_features: int) -> LambdaMLP:
         config = self.mole_config
-        device = self.base_model.get_input_embeddings().weight.device if hasattr(
-            self.base_model, "get_input_embeddings"
+        device = self.model.get_input_embeddings().weight.device if hasattr(
+            self.model, "get_input_embeddings"
         ) else None
         if not config.lambda_shared:
             return LambdaMLP(in_features, config.lambda_hidden, config.lambda_bias_init).to(device)
@@ -140,32 +184,47 @@ class MoLEModel(nn.Module):
             self.lambda_mlps[key] = LambdaMLP(in_features, config.lambda_hidden, config.lambda_bias_init).to(device)
         return self.lambda_mlps[key]
 
-    def _inject(self) -> None:
-        config = self.mole_config
-        targets = self._targets()
-        num_layers = _num_layers(self.base_model, [n for n, _ in targets])
-        for name, linear in targets:
-            num_experts = config.experts_for_layer(_layer_index(name), num_layers)
-            lambda_mlp = self._lambda_mlp(linear.in_features) if config.method == "ldmole" else None
-            layer = MoLELinear(
-                linear,
-                num_experts=num_experts,
-                r=config.r,
-                alpha=config.alpha,
-                dropout=config.dropout,
-                gate_fn=build_gate_fn(config, num_experts, lambda_mlp),
-                name=name,
-                recorder=self.recorder,
-                router_init_std=config.router_init,
-                router_dropout=config.router_sees_dropout,
+    def _create_and_replace(
+        self,
+        peft_config: MoLEConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        parameter_name: str | None = None,
+    ) -> None:
+        """Put a :class:`MoLELinear` around ``target``, the module ``current_key`` of the HF model."""
+        if not isinstance(target, nn.Linear):
+            raise DynmoleError(
+                f"{current_key} is a {type(target).__name__}, not an nn.Linear: MoLE adapts linear layers only; "
+                f"leave {target_name} out of target_modules"
             )
-            if lambda_mlp is not None and not config.lambda_shared:
-                layer.lambda_mlp = lambda_mlp
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, layer)
+        config = peft_config
+        num_experts = config.experts_for_layer(_layer_index(current_key), self._num_layers)
+        lambda_mlp = self._lambda_mlp(target.in_features) if config.method == "ldmole" else None
+        layer = MoLELinear(
+            target,
+            num_experts=num_experts,
+            r=config.r,
+            alpha=config.alpha,
+            dropout=config.dropout,
+            gate_fn=build_gate_fn(config, num_experts, lambda_mlp),
+            name=current_key,
+            recorder=self.recorder,
+            router_init_std=config.router_init,
+            router_dropout=config.router_sees_dropout,
+            gate_features=lambda_mlp.fc1 if lambda_mlp is not None else None,
+        )
+        if lambda_mlp is not None and not config.lambda_shared:
+            layer.lambda_mlp = lambda_mlp
+        self._replace_module(parent, target_name, layer, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: MoLEConfig, adapter_name: str) -> None:
+        self._set_new_modules_mode(model.training)
 
     def _set_new_modules_mode(self, mode: bool) -> None:
-        """Put the wrapper, the MoLE layers and the lambda MLPs (not the base layers) in ``mode``."""
+        """Put the tuner, the MoLE layers and the lambda MLPs (not the base layers) in ``mode``."""
         self.training = mode
         for layer in self.mole_layers():
             base_mode = layer.base_layer.training
@@ -173,28 +232,65 @@ class MoLEModel(nn.Module):
             layer.base_layer.train(base_mode)
         self.lambda_mlps.train(mode)
 
-    def mole_layers(self) -> Iterator[MoLELinear]:
-        return (m for m in self.base_model.modules() if isinstance(m, MoLELinear))
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's: activate the adapter; ``inference_mode`` freezes its weights (else they train)."""
+        super().set_adapter(adapter_name, inference_mode)
+        for layer in self.mole_layers():
+            for name, param in layer.named_parameters():
+                if not name.startswith("base_layer."):
+                    param.requires_grad_(not inference_mode)
+        self.lambda_mlps.requires_grad_(not inference_mode)
 
-    def get_base_model(self) -> nn.Module:
-        """The wrapped HF model (with the MoLE layers in it), as PEFT's ``PeftModel.get_base_model``."""
-        return self.base_model
+    def _check_merge_allowed(self) -> None:
+        raise DynmoleError(
+            "a MoLE adapter cannot be merged into the base weights: each token's expert gates depend on its input"
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: MoLEConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's hook from a checkpoint's keys to the model's. An adapter saved before MoLE was a
+        PEFT method (format_version < 3) names its weights as the HF model does (and ``lambda_mlps.*``,
+        ``relu_l1_coef`` as the old wrapper did): they get PEFT's ``base_model.`` prefixes first. A
+        checkpoint that does not fit the model (missing or unexpected keys, other shapes) is refused."""
+        if not any(key.startswith(_PEFT_PREFIX) for key in state_dict):
+            state_dict = {
+                (_PEFT_PREFIX if key.startswith(_TUNER_STATE) else _PEFT_PREFIX + "model.") + key: tensor
+                for key, tensor in state_dict.items()
+            }
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = cls._get_adapter_state_dict(model, config, adapter_name, model.state_dict(), [])
+        missing, unexpected = sorted(own.keys() - remapped.keys()), sorted(remapped.keys() - own.keys())
+        if missing or unexpected:
+            raise DynmoleError(
+                f"the adapter does not fit this base model: {len(missing)} missing key(s) {missing[:3]}, "
+                f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"
+            )
+        for key, tensor in remapped.items():
+            if tensor.shape != own[key].shape:
+                raise DynmoleError(
+                    f"the adapter does not fit this base model: {key} has shape {tuple(tensor.shape)} "
+                    f"in the file but {tuple(own[key].shape)} here"
+                )
+        return remapped
+
+    # ---------------------------------------------------------------- access
+    @property
+    def mole_config(self) -> MoLEConfig:
+        """The adapter's :class:`MoLEConfig`."""
+        return self.peft_config[self.active_adapters[0]]
+
+    def mole_layers(self) -> Iterator[MoLELinear]:
+        return (m for m in self.model.modules() if isinstance(m, MoLELinear))
 
     # ---------------------------------------------------------------- forward
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         attention_mask = kwargs.get("attention_mask")
         want_aux = self.training and torch.is_grad_enabled()
         self.recorder.active = want_aux or self.stats_enabled
         try:
-            outputs = self.base_model(*args, **kwargs)
+            outputs = self.model(*args, **kwargs)
         finally:
             self.recorder.active = False
         records = self.recorder.take()
@@ -210,8 +306,8 @@ class MoLEModel(nn.Module):
                 self._remole_micro_batches += 1
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]
-            elif getattr(outputs, "loss", None) is not None:
-                outputs.loss = outputs.loss + losses["total"] * _loss_share(kwargs, losses["total"])
+            else:
+                _add_to_loss(outputs, losses["total"], kwargs)
         return outputs
 
     @torch.no_grad()
@@ -240,13 +336,16 @@ class MoLEModel(nn.Module):
         self._remole_active_sum, self._remole_micro_batches = None, 0
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        """The HF model's ``generate``, with each MoLE layer's stacked ``[W_g; W_f; A]`` built once
+        for the whole call instead of once per generated token (:func:`reuse_stacked_weights`)."""
+        with reuse_stacked_weights(self.mole_layers()):
+            return self.model.generate(*args, **kwargs)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Enable the base model's checkpointing, non-reentrant by default: the reentrant variant
         runs the first forward without grad, which would cut the aux losses off the router."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ---------------------------------------------------------------- statistics
     @contextmanager
@@ -260,76 +359,49 @@ class MoLEModel(nn.Module):
         finally:
             self.stats_enabled = previous
 
-    # ---------------------------------------------------------------- parameters
-    def trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
 
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights only (experts, routers, lambda MLPs, ReMoLE coefficient)."""
-        state = {}
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                state[name.removeprefix("base_model.")] = param.detach()
-        if self.relu_l1_coef is not None:
-            state["relu_l1_coef"] = self.relu_l1_coef.detach()
-        return state
-
-    # ---------------------------------------------------------------- persistence
-    def save_pretrained(self, save_directory: str | Path, **_: Any) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self.adapter_state_dict().items()}
-        base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        self.mole_config.save(
-            directory / CONFIG_NAME, base_model_name_or_path=base_name, dynmole_version=__version__
-        )
-
-    def load_adapter_weights(self, path: str | Path) -> None:
-        """Load ``adapter_model.safetensors`` into this model, with a clear error on any mismatch."""
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read adapter weights {path}: the file is corrupted or truncated ({err})") from None
-        own = self.adapter_state_dict()
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(
-                f"adapter {path} does not fit this base model: {len(missing)} missing key(s) "
-                f"{missing[:3]}, {len(unexpected)} unexpected key(s) {unexpected[:3]}"
-            )
-        for key, tensor in state.items():
-            if tensor.shape != own[key].shape:
-                raise ValueError(
-                    f"adapter {path} does not fit this base model: {key} has shape {tuple(tensor.shape)} "
-                    f"in the file but {tuple(own[key].shape)} here"
-                )
-        with torch.no_grad():
-            for key, tensor in state.items():
-                own[key].copy_(tensor)  # adapter_state_dict() shares storage with the parameters
-
-def get_mole_model(model: nn.Module, config: MoLEConfig) -> MoLEModel:
-    """Adapt ``model`` (a HF causal LM) with MoLE layers; its own weights are frozen. The new
-    layers take the mode of ``model`` (eval after ``from_pretrained``): call ``.train()`` to train."""
-    return MoLEModel(model, config)
+if PEFT_TYPE not in PEFT_TYPE_TO_TUNER_MAPPING:  # once per process, also if this module is reloaded
+    register_peft_method(name=ADAPTER_TYPE.lower(), config_cls=MoLEConfig, model_cls=MoLEModel)
 
 
-def load_mole_model(model: nn.Module, adapter_dir: str | Path) -> MoLEModel:
-    """Adapt ``model`` with the adapter saved in ``adapter_dir`` by ``save_pretrained``.
+def find_mole(model: nn.Module) -> MoLEModel | None:
+    """The :class:`MoLEModel` of ``model``: ``model`` itself, the tuner of a ``PeftModel``, or either
+    inside DDP / DeepSpeed wrappers (which keep it in ``.module``); None for any other model."""
+    while not isinstance(model, MoLEModel):
+        if isinstance(model, PeftModel):
+            model = model.base_model
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return None
+    return model
 
-    The result is in eval mode (no adapter dropout, no aux losses), as PEFT's
-    ``PeftModel.from_pretrained``; call ``.train()`` to go on training it."""
+
+def get_mole_model(model: nn.Module, config: MoLEConfig) -> PeftModel:
+    """Adapt ``model`` (a HF causal LM) with MoLE layers: ``peft.get_peft_model(model, config)``, a
+    ``PeftModelForCausalLM`` around a :class:`MoLEModel` (whose attributes it forwards). The weights
+    of ``model`` are frozen. The new layers, and the wrapper, take the mode of ``model`` (eval after
+    ``from_pretrained``): call ``.train()`` to train."""
+    peft_model = get_peft_model(model, config)
+    peft_model.training = model.training  # the wrapper's own flag; the tuner set its layers' mode
+    return peft_model
+
+
+def load_mole_model(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
+    """Adapt ``model`` with the adapter saved in ``adapter_dir``: ``peft.PeftModel.from_pretrained``,
+    which this also lets read adapters saved before MoLE was a PEFT method (format_version 1 and 2;
+    ``load_mole_model(base, old_dir).save_pretrained(new_dir)`` converts one for PEFT alone).
+
+    The result is in eval mode with the adapter frozen (no dropout, no aux losses), as PEFT loads
+    adapters; ``is_trainable=True`` to go on training it (then call ``.train()``)."""
     directory = Path(adapter_dir)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: is {directory} a dynmole adapter folder?")
-    mole = MoLEModel(model, MoLEConfig.load(directory / CONFIG_NAME))
-    mole.load_adapter_weights(directory / WEIGHTS_NAME)
-    return mole.eval()
+    config = MoLEConfig.load(directory / CONFIG_NAME)
+    try:
+        return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)
+    except SafetensorError as err:
+        raise DynmoleError(
+            f"cannot read adapter weights {directory / WEIGHTS_NAME}: the file is corrupted or truncated ({err})"
+        ) from None

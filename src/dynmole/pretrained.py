@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .errors import DynmoleError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -166,7 +168,7 @@ def resolve_model(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name_or_path, ignore_patterns=["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack"]))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same here
-        raise ValueError(f"{_not_found(name_or_path)} ({type(err).__name__}: {err})") from None
+        raise DynmoleError(f"{_not_found(name_or_path)} ({type(err).__name__}: {err})") from None
 
 
 def load_model_and_tokenizer(

@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from .analysis import RunRecord, ablation_report, grid_report, group_by_variant, paired_tests_markdown
-from .analysis.runs import LOG_NAME, PROBE_LOG_NAME, RESULT_NAME, write_predictions
-from .config import METHODS, MoLEConfig
-from .data import Example, format_examples, load_examples, load_mixture, scoring_protocol
+from .analysis.runs import RESULT_NAME, write_predictions
+from .config import METHODS, MoLEConfig, setting_fields
+from .data import Example, format_examples, scoring_protocol
 from .evaluate import describe_scoring, evaluate_tasks
 from .io import write_json
 from .job import JobConfig, machine_description
-from .model import MoLEModel
+from .model import find_mole
+from .outputs import checkpoint_step, scan_checkpoints
 from .reproduce_profiles import ABLATIONS, PROFILES, VARIANTS, CostModel, Profile, Variant
 from .routing_probe import probe_examples
 from .train import ALL_METHODS, PEFT_METHODS, TrainConfig, adapt_model, train
@@ -45,7 +46,8 @@ BASE = Variant("base", "Base (zero-shot)", "none")
 """The base model evaluated without training: one run, no seed."""
 CHARS_PER_TOKEN = 4.0
 _RESERVED = {"method": "--methods", "seed": "--seeds", "output_dir": "--output-dir"}
-_FIELDS = {cls: {f.name for f in dataclasses.fields(cls)} for cls in (JobConfig, TrainConfig, MoLEConfig)}
+_RUN_CONTROL = {("train", "output_dir"), ("train", "resume"), ("train", "overwrite")}  # not settings of the result
+_FIELDS = {cls: {f.name for f in setting_fields(cls)} for cls in (JobConfig, TrainConfig, MoLEConfig)}
 
 
 @dataclass
@@ -71,14 +73,14 @@ def inputs_from_job(job: JobConfig) -> Inputs:
 
     @functools.cache
     def mixture(seed: int) -> list[Example]:
-        return load_mixture(job.tasks, "train", job.train_limit, job.source, job.eval_fraction, seed=seed)
+        return job.train_examples(seed)
 
     return Inputs(
         # On a GPU from the start, so the base model's evaluation runs there too.
         load_model=lambda: load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code,
                                                     device="cuda" if torch.cuda.is_available() else None),
         train_examples=mixture,
-        eval_examples={t: load_examples(t, "eval", job.source, job.eval_limit, job.eval_fraction) for t in job.tasks},
+        eval_examples=job.eval_examples(job.eval_limit),
         description=f"model `{job.model}`, {job.source} data (train limit {job.train_limit} per task, "
         f"eval limit {job.eval_limit} per task)",
     )
@@ -236,14 +238,14 @@ def _settings_record(spec: RunSpec) -> dict[str, Any]:
 
 
 def changed_settings(spec: RunSpec, record: RunRecord) -> list[str]:
-    """Settings in which a finished run differs from the planned one (``train.output_dir`` aside,
-    so a moved results folder still resumes)."""
+    """Settings in which a finished run differs from the planned one (the folder and the
+    resume/overwrite switches aside, so a moved results folder still resumes)."""
     planned = json.loads(json.dumps(_settings_record(spec)))
     recorded = {part: dict(record.result.get(part, {})) for part in planned}
     if "scoring" in recorded["job"]:  # runs made before the rename recorded cloze as "choices"
         recorded["job"]["scoring"] = scoring_protocol(recorded["job"]["scoring"])
     return [f"{part}.{name}" for part, fields in planned.items() for name, value in fields.items()
-            if (part, name) != ("train", "output_dir") and recorded[part].get(name) != value]
+            if (part, name) not in _RUN_CONTROL and recorded[part].get(name) != value]
 
 
 def _evaluate(model: nn.Module, tokenizer: Any, inputs: Inputs, job: JobConfig) -> tuple[dict, dict]:
@@ -251,52 +253,36 @@ def _evaluate(model: nn.Module, tokenizer: Any, inputs: Inputs, job: JobConfig) 
     statistics of those same forwards."""
     model.eval()
     evaluate = functools.partial(evaluate_tasks, model, tokenizer, inputs.eval_examples, job.eval_batch_size,
-                                 job.scoring, False, return_predictions=True)
-    if not isinstance(model, MoLEModel):
+                                 job.scoring, False, return_predictions=True, max_length=job.eval_cutoff_len)
+    if find_mole(model) is None:
         return evaluate(), {}
     with model.collect_routing_stats() as stats:
         results = evaluate()
     return results, stats.summary()
 
 
-def _checkpoint_step(directory: Path) -> int | None:
-    """The step of the newest complete checkpoint (with its trainer state) in ``directory``."""
-    steps = [int(p.name.split("-")[-1]) for p in directory.glob("checkpoint-*")
-             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return max(steps, default=None)
-
-
-def trim_logs(directory: Path, step: int) -> None:
-    """Drop the records after ``step`` from a run's JSONL logs, so a resumed run logs each step once."""
-    for name in (LOG_NAME, PROBE_LOG_NAME):
-        path = directory / name
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-
 def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRecord:
     """Train (unless it is the base run) and evaluate one run; write its ``result.json``.
 
-    A run interrupted after a checkpoint (``save_steps``) resumes from its newest checkpoint, its
-    logs cut back to that step; any other folder left by an interrupted run is cleared first. The
-    adapter and checkpoints are deleted afterwards unless ``keep_adapter`` (the tables and figures
-    need only ``result.json``, ``log.jsonl`` and ``routing_probe.jsonl``).
+    A run interrupted after a checkpoint (``save_steps``) resumes from its newest complete
+    checkpoint, its logs cut back to that step (by ``train``); any other folder left by an
+    interrupted run is cleared first. The adapter and checkpoints are deleted afterwards unless
+    ``keep_adapter`` (the tables and figures need only ``result.json``, ``log.jsonl`` and
+    ``routing_probe.jsonl``).
     """
     started = time.time()
-    resume_step = _checkpoint_step(spec.directory) if spec.variant is not BASE else None
-    if resume_step is None:
+    checkpoint = scan_checkpoints(spec.directory)[0] if spec.variant is not BASE else None
+    if checkpoint is None:
         shutil.rmtree(spec.directory, ignore_errors=True)
     else:
-        print(f"  resuming {spec.label} from step {resume_step}", flush=True)
-        trim_logs(spec.directory, resume_step)
+        print(f"  resuming {spec.label} from step {checkpoint_step(checkpoint)}", flush=True)
     spec.directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.train.seed)
     model, tokenizer = inputs.load_model()
     summary: dict[str, Any] = {}
     if spec.variant is not BASE:
         model = adapt_model(model, spec.variant.method, spec.mole)
-        train_config = dataclasses.replace(spec.train, resume=resume_step is not None)
+        train_config = dataclasses.replace(spec.train, resume=checkpoint is not None)
         probe = probe_examples(inputs.eval_examples, train_config.routing_probe_size, spec.job.scoring)
         model, summary = train(model, tokenizer, training_examples(spec, inputs), train_config, probe)
     results, routing = _evaluate(model, tokenizer, inputs, spec.job)

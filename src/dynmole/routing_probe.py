@@ -54,7 +54,7 @@ class RoutingProbe(TrainerCallback):
     """Logs routing statistics of ``examples`` (held out) every ``every`` steps and at step 0.
 
     Args:
-        model: the MoLE model being trained (unwrapped).
+        model: the MoLE tuner of the model being trained (:func:`~dynmole.model.find_mole`).
         tokenizer: its tokenizer.
         examples: the held-out probe examples (encoded once, up to ``cutoff_len`` tokens).
         every: probe every this many optimizer steps.

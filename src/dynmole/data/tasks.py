@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import DynmoleError
 from .example import Example
 
 Row = dict[str, Any]
@@ -239,7 +240,7 @@ TASKS: dict[str, TaskSpec] = {
 """The nine benchmarks by registry name."""
 
 
-class UnknownTaskError(KeyError, ValueError):
+class UnknownTaskError(KeyError, DynmoleError):
     """A task name that is not in ``TASKS``; the message lists the known names."""
 
     def __str__(self) -> str:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import DynmoleError
 from .example import Example
 
 IGNORE_INDEX = -100
@@ -25,7 +26,7 @@ def encode_example(tokenizer: Any, example: Example, cutoff_len: int = 512) -> d
     if tokenizer.eos_token_id is not None:
         answer = answer + [tokenizer.eos_token_id]
     if not answer:
-        raise ValueError(f"example {example.id} has an empty answer")
+        raise DynmoleError(f"example {example.id} has an empty answer")
     answer = answer[:cutoff_len]
     prompt = truncate_prompt(tokenizer, prompt, cutoff_len - len(answer))
     return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}

@@ -3,7 +3,7 @@
 Each rule returns fp32 gates with exact zeros for the experts it did not select.
 """
 
-from .dynamic import dynamic, dynamic_route
+from .dynamic import DynamicRouter, dynamic, dynamic_route
 from .relu import relu, update_l1_coefficient
 from .soft import soft
 from .sparsegen import LambdaMLP, sparsegen, sparsity_lower_bound
@@ -11,6 +11,7 @@ from .top_k import top_k, top_k_mask
 from .top_p import top_p, top_p_mask
 
 __all__ = [
+    "DynamicRouter",
     "LambdaMLP",
     "dynamic",
     "dynamic_route",

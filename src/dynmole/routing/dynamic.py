@@ -4,10 +4,63 @@ from __future__ import annotations
 
 import torch
 
+from ..entropy import tsallis_entropy_above
 from ..numerics import upcast
+from .top_p import TopPMode, sorted_prefix_mask
 
-from ..entropy import tsallis_entropy
-from .top_p import TopPMode, top_p_mask
+
+class DynamicRouter:
+    """DynMoLE's hybrid rule with its arguments checked once, when built (a layer calls it on
+    every forward; see :func:`dynamic_route` for the rule and the arguments).
+
+    Calling it on logits ``(..., N)`` returns ``(gates, soft_branch)``. Per call: a softmax, the
+    top-p mask from one sort (:func:`~dynmole.routing.top_p.sorted_prefix_mask`), and the entropy
+    test as one comparison of ``sum_i p_i^q`` with a constant
+    (:func:`~dynmole.entropy.tsallis_entropy_above`).
+    """
+
+    def __init__(
+        self,
+        q: float = 1.1,
+        threshold: float | None = 0.9,
+        top_p: float = 0.75,
+        keep_top_k: int = 2,
+        renormalize: bool = False,
+        top_p_mode: TopPMode = "paper",
+        eps: float = 1e-5,
+    ) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"entropy threshold must be in [0, 1], got {threshold}")
+        if q <= 0:
+            raise ValueError(f"Tsallis entropic index q must be > 0, got {q}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_p_mode not in ("paper", "reference"):
+            raise ValueError(f"top_p mode must be 'paper' or 'reference', got {top_p_mode!r}")
+        if keep_top_k < 1:
+            raise ValueError(f"keep_top_k must be >= 1, got {keep_top_k}")
+        self.q = q
+        self.threshold = None if threshold is None or threshold >= 1.0 else threshold
+        self.top_p = top_p
+        self.keep_top_k = keep_top_k
+        self.renormalize = renormalize
+        self.paper = top_p_mode == "paper"
+        self.eps = eps
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keep_top_k > logits.shape[-1]:
+            raise ValueError(f"keep_top_k must be in [1, num_experts={logits.shape[-1]}], got {self.keep_top_k}")
+        probs = torch.softmax(upcast(logits), dim=-1)
+        mask = sorted_prefix_mask(probs, self.top_p, self.paper, self.keep_top_k)
+        if self.threshold is None:
+            soft_branch = torch.zeros(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+        else:
+            soft_branch = tsallis_entropy_above(probs, self.threshold, q=self.q, eps=self.eps)
+            mask.logical_or_(soft_branch.unsqueeze(-1))
+        gates = probs * mask
+        if self.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates, soft_branch
 
 
 def dynamic_route(
@@ -37,7 +90,8 @@ def dynamic_route(
         top_p: cumulative-probability threshold in (0, 1].
         keep_top_k: minimum number of experts in the sparse branch, 1..N.
         renormalize: renormalise kept weights to sum 1 (the reference code does not).
-        top_p_mode: ``"paper"`` (eq. 7) or ``"reference"``, see :func:`top_p_mask`.
+        top_p_mode: ``"paper"`` (eq. 7) or ``"reference"``, see
+            :func:`~dynmole.routing.top_p.top_p_mask`.
         eps: added to ``p`` inside the entropy (the reference code's 1e-5, the default; 0 = the
             paper's formula). It lowers the normalised entropy slightly, most near uniform.
 
@@ -45,22 +99,7 @@ def dynamic_route(
         ``(gates, soft_branch)``: gates ``(..., N)`` fp32 with zeros for unselected experts, and
         a boolean ``(...)`` tensor, True where the token was routed soft.
     """
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"entropy threshold must be in [0, 1], got {threshold}")
-    if not 1 <= keep_top_k <= logits.shape[-1]:
-        raise ValueError(f"keep_top_k must be in [1, num_experts={logits.shape[-1]}], got {keep_top_k}")
-    probs = torch.softmax(upcast(logits), dim=-1)
-    sparse = top_p_mask(probs, top_p, top_p_mode, min_keep=keep_top_k)
-    if threshold is None or threshold >= 1.0:
-        soft_branch = torch.zeros(probs.shape[:-1], dtype=torch.bool, device=probs.device)
-        mask = sparse
-    else:
-        soft_branch = tsallis_entropy(probs, q=q, normalize=True, eps=eps) > threshold
-        mask = sparse | soft_branch.unsqueeze(-1)
-    gates = probs * mask
-    if renormalize:
-        gates = gates / gates.sum(dim=-1, keepdim=True)
-    return gates, soft_branch
+    return DynamicRouter(q, threshold, top_p, keep_top_k, renormalize, top_p_mode, eps)(logits)
 
 
 def dynamic(

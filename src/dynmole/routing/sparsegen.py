@@ -79,5 +79,9 @@ class LambdaMLP(nn.Module):
             nn.init.constant_(self.fc2.bias, bias_init)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self.fc2(F.relu(self.fc1(hidden_states.float())))
-        return F.logsigmoid(out) + LAMBDA_CEILING
+        return self.head(self.fc1(hidden_states.float()))
+
+    def head(self, pre_activation: torch.Tensor) -> torch.Tensor:
+        """lambda from ``fc1``'s output: what follows the first layer. ``MoLELinear`` computes
+        ``fc1`` in the router's matmul (``gate_features``) and the gate function calls this."""
+        return F.logsigmoid(self.fc2(F.relu(pre_activation))) + LAMBDA_CEILING

@@ -29,16 +29,19 @@ def top_p_mask(probs: torch.Tensor, p: float, mode: TopPMode = "paper", min_keep
         raise ValueError(f"top_p mode must be 'paper' or 'reference', got {mode!r}")
     if not 0 <= min_keep <= probs.shape[-1]:
         raise ValueError(f"min_keep must be in [0, num_experts={probs.shape[-1]}], got {min_keep}")
+    return sorted_prefix_mask(probs, p, mode == "paper", min_keep)
+
+
+def sorted_prefix_mask(probs: torch.Tensor, p: float, paper: bool, min_keep: int) -> torch.Tensor:
+    """:func:`top_p_mask` without the argument checks (for rules that check them once, when built):
+    one sort, its cumulative sum, the first ``min_keep`` ranks set in place, one scatter back
+    (``order`` is a permutation, so the scatter writes every entry)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     cumulative = sorted_probs.cumsum(dim=-1)
-    if mode == "paper":
-        keep_sorted = (cumulative - sorted_probs) < p
-    else:
-        keep_sorted = cumulative <= p
+    keep_sorted = (cumulative - sorted_probs) < p if paper else cumulative <= p
     if min_keep:
-        rank = torch.arange(probs.shape[-1], device=probs.device)
-        keep_sorted = keep_sorted | (rank < min_keep)
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        keep_sorted.narrow(-1, 0, min_keep).fill_(True)
+    return keep_sorted.scatter(-1, order, keep_sorted)
 
 
 def top_p(

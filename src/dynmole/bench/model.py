@@ -1,4 +1,4 @@
-"""Model-level part of ``dynmole bench``: PEFT LoRA vs DynMoLE on a causal LM.
+"""Model section of ``dynmole bench``: PEFT LoRA vs DynMoLE on a causal LM.
 
 Training-step time and tokens/s, eval-forward and generation (KV cache) tokens/s, routing
 statistics on vs off, and memory: peak training memory (``torch.cuda.max_memory_allocated``
@@ -14,14 +14,31 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .bench import DTYPES, REFERENCE, Preset, Row, interleaved, mole_config, paired_ratio, timing_row
+from .layer import DTYPES, mole_config
+from .report import Row, timing_row
+from .timing import REFERENCE, interleaved, paired_ratio
 
 TARGET_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Sizes of the model section."""
+
+    model: str  # "tiny", "tiny-1" (random Llamas) or a name for dynmole.pretrained
+    experts: int
+    r: int
+    batch: int
+    seq: int
+    reps: int
+    gen_tokens: int  # new tokens of the generate rows
+    gen_prompt: int  # prompt tokens of the generate rows
 
 
 # --------------------------------------------------------------------------- models
@@ -45,7 +62,7 @@ def load_base_model(model_name: str, dtype: torch.dtype, device: torch.device) -
         layers = 1 if model_name == "tiny-1" else 2
         model = tiny_llama(layers).to(device=device, dtype=dtype)
         return model, f"random LlamaForCausalLM (hidden 128, intermediate 256, {layers} layers, vocab 512)"
-    from .pretrained import load_model_and_tokenizer
+    from ..pretrained import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(model_name, dtype=dtype, device=str(device))
     return model, model_name
@@ -63,7 +80,7 @@ def build_variant(base: nn.Module, variant: str, n: int, r: int, dropout: float)
         )
         return get_peft_model(model, config)
     if variant == "mole_dynmole":
-        from .model import get_mole_model
+        from ..model import get_mole_model
 
         config = mole_config("dynmole", n, r, dropout)
         config.target_modules = list(TARGET_MODULES)
@@ -135,7 +152,7 @@ def stats_update_seconds(model: nn.Module, batch: dict[str, torch.Tensor], reps:
     model.recorder.active = True
     try:
         with torch.no_grad():
-            model.base_model(**inputs)
+            model.get_base_model()(**inputs)
     finally:
         model.recorder.active = False
     records = model.recorder.take()
@@ -195,7 +212,7 @@ def memory_worker(spec_json: str) -> int:
     spec = json.loads(spec_json)
     import peft  # noqa: F401 - both variants carry the same imported modules in their resident set
 
-    from . import model as _model  # noqa: F401
+    from .. import model as _model  # noqa: F401
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -270,7 +287,7 @@ def measure_memory(specs: dict[str, dict[str, Any]], timeout: float = 1800) -> d
 
 # --------------------------------------------------------------------------- section
 def run_model_bench(
-    setup: Preset,
+    size: ModelSize,
     *,
     model_name: str,
     dtype_name: str,
@@ -283,7 +300,7 @@ def run_model_bench(
     dtype = DTYPES[dtype_name]
     log(f"[model] loading {model_name}")
     base, description = load_base_model(model_name, dtype, device)
-    n, r = setup.model_experts, setup.model_r
+    n, r = size.experts, size.r
     models = {name: build_variant(base, name, n, r, dropout) for name in (REFERENCE, "mole_dynmole")}
     mole = models["mole_dynmole"]
     info: dict[str, Any] = {
@@ -293,13 +310,13 @@ def run_model_bench(
         "lora_rank": n * r,
         "target_modules": TARGET_MODULES,
         "trainable_params": {name: sum(p.numel() for p in _trainable(m)) for name, m in models.items()},
-        "batch": setup.model_batch,
-        "seq": setup.model_seq,
-        "generate": {"prompt": setup.gen_prompt, "new_tokens": setup.gen_tokens, "batch": 1},
+        "batch": size.batch,
+        "seq": size.seq,
+        "generate": {"prompt": size.gen_prompt, "new_tokens": size.gen_tokens, "batch": 1},
     }
-    tokens = setup.model_batch * setup.model_seq
-    batch = make_batch(base.config.vocab_size, setup.model_batch, setup.model_seq, device)
-    tag = f"B={setup.model_batch} S={setup.model_seq} {dtype_name}"
+    tokens = size.batch * size.seq
+    batch = make_batch(base.config.vocab_size, size.batch, size.seq, device)
+    tag = f"B={size.batch} S={size.seq} {dtype_name}"
     rows: list[Row] = []
 
     # Training step (forward + backward + AdamW), routing statistics off and on.
@@ -343,15 +360,15 @@ def run_model_bench(
         rows.append(timing_row("model", scenario, name, kind, timing, **extra))
 
     # Generation with KV cache, greedy, batch 1.
-    scenario = f"generate {setup.gen_tokens} tokens (prompt {setup.gen_prompt}, KV cache) {dtype_name}"
+    scenario = f"generate {size.gen_tokens} tokens (prompt {size.gen_prompt}, KV cache) {dtype_name}"
     log(f"[model] {scenario}")
-    prompt = make_batch(base.config.vocab_size, 1, setup.gen_prompt, device, seed=1)["input_ids"]
-    fns = {name: generate_fn(m, prompt, setup.gen_tokens) for name, m in
+    prompt = make_batch(base.config.vocab_size, 1, size.gen_prompt, device, seed=1)["input_ids"]
+    fns = {name: generate_fn(m, prompt, size.gen_tokens) for name, m in
            (("base_model", base), (REFERENCE, models[REFERENCE]), ("mole_dynmole", mole))}
     timings = interleaved(fns, warmup=warmup, reps=reps, device=device)
     for name, timing in timings.items():
         kind = {"base_model": "base", REFERENCE: "peft"}.get(name, "ours")
-        rows.append(timing_row("model", scenario, name, kind, timing, tokens_per_s=setup.gen_tokens / timing.median))
+        rows.append(timing_row("model", scenario, name, kind, timing, tokens_per_s=size.gen_tokens / timing.median))
 
     # Memory: bytes saved for backward (in process, exact) ...
     log("[memory] autograd saved tensors")
@@ -366,7 +383,7 @@ def run_model_bench(
     specs = {
         name: {
             "model": model_name, "variant": name, "experts": n, "r": r, "dtype": dtype_name, "device": str(device),
-            "dropout": dropout, "batch": setup.model_batch, "seq": setup.model_seq, "steps": 2,
+            "dropout": dropout, "batch": size.batch, "seq": size.seq, "steps": 2,
             "threads": torch.get_num_threads(),
         }
         for name in (REFERENCE, "mole_dynmole")

@@ -12,7 +12,7 @@ same examples, one optimizer step per batch, through :meth:`dynmole.train.MoLETr
 
 Evaluation times :func:`dynmole.evaluate.score_choices` with every choice as a full sequence
 against the shared-context path (the default). Variants run interleaved in one process
-(:func:`dynmole.bench.interleaved`); ratios are paired against the first variant. The loss of
+(:func:`dynmole.bench.timing.interleaved`); ratios are paired against the first variant. The loss of
 (b) and (c), and the log-likelihoods of the shared-context path, are compared with the first
 variant's on the same inputs before any timing (``max |delta|``).
 """
@@ -28,10 +28,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
-from .bench import Row, interleaved, mole_config, timing_row
-from .data import Example
-from .data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from ..answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
+from ..data import Example
+from ..data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from .layer import mole_config
+from .report import Row, timing_row
+from .timing import interleaved
 
 TASKS = ("arc_e", "piqa", "siqa", "winogrande")  # the demo's
 TARGET_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -105,14 +107,14 @@ def load_assets(size: TrainBenchSize, device: torch.device) -> tuple[nn.Module, 
     """Base model, tokenizer, training and evaluation examples, and a description."""
     train_count = size.batch * size.batches
     if size.model in ("tiny", "tiny-1"):
-        from .bench_model import tiny_llama
+        from .model import tiny_llama
 
         layers = 1 if size.model == "tiny-1" else 2
         model = tiny_llama(layers).to(device)
         return (model, _tiny_tokenizer(), _tiny_examples(train_count, 0), _tiny_examples(4 * size.eval_per_task, 1),
                 f"random LlamaForCausalLM ({layers} layers), made-up examples")
-    from .data import load_examples, load_mixture
-    from .pretrained import load_model_and_tokenizer
+    from ..data import load_examples, load_mixture
+    from ..pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(size.model, device=str(device))
     per_task = -(-train_count // len(TASKS))
@@ -150,7 +152,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def _trainer(model: nn.Module, device: torch.device, folder: str) -> Any:
     from transformers import TrainingArguments
 
-    from .train import MoLETrainer
+    from ..train import MoLETrainer
 
     args = TrainingArguments(output_dir=folder, use_cpu=device.type == "cpu", report_to=[], remove_unused_columns=False)
     trainer = MoLETrainer(model=model, args=args)
@@ -239,7 +241,7 @@ def run_eval_variants(
     log: Callable[[str], None], batch_size: int = 16,
 ) -> list[Row]:
     """Rows of :func:`score_choices` with and without the shared context, fp32."""
-    from .evaluate import score_choices
+    from ..evaluate import score_choices
 
     def scores(share: bool) -> list[float]:
         kwargs = {} if share else {"share_context": False}
@@ -267,7 +269,7 @@ def run_train_bench(
 ) -> tuple[list[Row], dict[str, Any]]:
     """The train section: rows of the training and evaluation variants, and details for the JSON.
     ``warmup`` and ``reps`` default to the preset's (1 and 3: the section takes minutes)."""
-    from .model import get_mole_model
+    from ..model import get_mole_model
 
     size = train_bench_size(preset, model_name)
     warmup = size.warmup if warmup is None else warmup

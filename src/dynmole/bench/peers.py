@@ -11,7 +11,8 @@ gate-weighted LoRA experts, router in fp32) but dispatch the experts the way oth
   tokens routed to it (``nonzero`` on the gates, a host sync), run the expert on those rows
   only, weight them by their gate and ``index_add_`` them back.
 
-They take the same ``gate_fn`` as ``MoLELinear`` so that only the dispatch differs.
+They take the same ``gate_fn`` as ``MoLELinear`` so that only the dispatch differs (a rule
+that reads no gate features: the peers run DynMoLE's and MoLA's).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import GateFn
+from ..layers import GateFn
 
 
 class _PeerBase(nn.Module):
@@ -73,7 +74,7 @@ class PerExpertLoopMoLE(_PeerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.base_layer(x)
         logits = self.router(x.to(torch.float32))
-        gates = self.gate_fn(logits, x).gates
+        gates = self.gate_fn(logits, None).gates
         for i in range(self.num_experts):
             expert_out = self._expert(i, x.to(torch.float32))
             residual = residual + (gates[..., i].unsqueeze(-1) * expert_out).to(x.dtype)
@@ -87,7 +88,7 @@ class GatherTopKMoLE(_PeerBase):
         result = self.base_layer(x)
         flat = x.reshape(-1, x.shape[-1])
         logits = self.router(flat.to(torch.float32))
-        gates = self.gate_fn(logits, flat).gates
+        gates = self.gate_fn(logits, None).gates
         out = torch.zeros(flat.shape[0], result.shape[-1], device=x.device, dtype=torch.float32)
         for i in range(self.num_experts):
             index = torch.nonzero(gates[:, i] > 0).squeeze(-1)  # host sync, as in MixLoRA
