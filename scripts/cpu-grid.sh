@@ -2,6 +2,9 @@
 # The `cpu` grid of docs/results.md, in the order it is run: seed 0 of the main rows first, so that a
 # grid cut short still pairs LoRA, LoRAMoE, MoLA, DynMoLE and LD-MoLE on the same examples.
 # Resumable: finished runs are skipped, an interrupted run resumes from its last checkpoint.
+# The finished runs of docs/results/cpu were trained by commit b804ca4 (da124a7 differs from it only by a refactor of the probe-set code); later
+# commits fuse the adapter's input matmuls and run LD-MoLE's lambda-MLP fc1 in fp32 under autocast, so to
+# extend the same grid run that code: git archive da124a7 src | tar -x -C /tmp/s && DYNMOLE="env PYTHONPATH=/tmp/s/src .venv/bin/python -m dynmole" bash scripts/cpu-grid.sh
 set -uo pipefail  # a failed run is reported in its error.txt; the next one still runs
 cd "$(dirname "$0")/.."
 R="${DYNMOLE:-.venv/bin/python -m dynmole} reproduce --profile cpu --output-dir ${OUT:-docs/results/cpu}"
