@@ -210,7 +210,7 @@ def test_entropy_eps_is_the_reference_default_and_moves_the_decision():
     from dynmole import MoLEConfig
     from dynmole.gating import build_gate_fn
 
-    assert inspect.signature(routing.dynamic_route).parameters["eps"].default == 1e-5
+    assert inspect.signature(routing.DynamicRouter).parameters["eps"].default == 1e-5
     assert MoLEConfig().entropy_eps == 1e-5
     # near-uniform routers sit right at the threshold: eps = 1e-5 lowers their entropy below it
     torch.manual_seed(0)
