@@ -100,3 +100,17 @@ def test_comparison_table_and_logs(tmp_path):
                      "training_loss.png"]  # no variant routed soft: no soft-share figure
     for path in written:
         _assert_png(path)
+
+
+def test_routing_probe_curves_are_plotted_over_training(tmp_path):
+    dynmole = _record(tmp_path, "DynMoLE", 0, 0.6, _routing(soft=0.5), None, {"method": "dynmole"})
+    mola = _record(tmp_path, "MoLA", 0, 0.6, _routing(), None, {"method": "mola"})
+    probes = [{"step": 50, "probe_entropy": 0.6, "probe_experts": 3.5, "probe_soft_fraction": 0.3},
+              {"step": 0, "probe_entropy": 0.99, "probe_experts": 5.9, "probe_soft_fraction": 0.97}]
+    (dynmole.directory / "routing_probe.jsonl").write_text("".join(json.dumps(p) + "\n" for p in probes))
+    assert dynmole.probe_curve("probe_entropy") == [(0, 0.99), (50, 0.6)]  # in step order
+    assert mola.probes() == [] and mola.probe_curve("probe_entropy") == []
+    names = sorted(p.name for p in routing_plots(group_by_variant([dynmole, mola]), tmp_path / "plots"))
+    assert {"probe_entropy.png", "probe_experts.png", "probe_soft_fraction.png"} <= set(names)
+    for name in ("probe_entropy.png", "probe_soft_fraction.png"):
+        _assert_png(tmp_path / "plots" / name)

@@ -402,7 +402,8 @@ def _notes(profile: Profile, inputs: Inputs, job: JobConfig, seeds: Sequence[int
         f"Profile `{profile.name}`: {profile.description}",
         f"Inputs: {inputs.description}. Tasks {', '.join(inputs.eval_examples)} trained as one mixture, "
         f"evaluated per task. Scoring (training uses its format): {describe_scoring(job.scoring)}.",
-        f"Cells: mean ± sample std over seeds {', '.join(map(str, seeds))} (column `seeds`: runs per row). "
+        f"Cells: mean ± sample std over each row's finished runs (column `seeds`: how many; this grid runs seeds "
+        f"{', '.join(map(str, seeds))}). "
         "Experts / token: routing statistics over the evaluation forwards. "
         "Each run's settings: its `result.json` under `runs/`.",
     ]

@@ -34,7 +34,9 @@ def _axes(rows: int, columns: int, width: float, height: float, **kwargs: object
 
 
 def _legend_right(axis: plt.Axes) -> None:
-    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    """The legend outside the axes, on the right (none when nothing is labelled)."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
 
 
 def _save(figure: plt.Figure, path: str | Path) -> Path:

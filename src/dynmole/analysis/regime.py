@@ -18,7 +18,6 @@ Reads every finished run under a folder (``result.json`` with the routing probe'
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +68,8 @@ class StudyRun:
 
 def load_study(root: str | Path) -> list[StudyRun]:
     """Every finished run under ``root`` that has a routing probe, sorted by label."""
-    runs = []
-    for result in sorted(Path(root).rglob(RESULT_NAME)):
-        probe = result.parent / PROBE_LOG_NAME
-        if not probe.is_file():
-            continue
-        records = [json.loads(line) for line in probe.read_text().splitlines() if line.strip()]
-        runs.append(StudyRun(RunRecord.read(result.parent), sorted(records, key=lambda r: r["step"])))
+    records = (RunRecord.read(result.parent) for result in sorted(Path(root).rglob(RESULT_NAME)))
+    runs = [StudyRun(record, probes) for record in records if (probes := record.probes())]
     return sorted(runs, key=lambda r: r.label)
 
 

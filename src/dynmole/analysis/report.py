@@ -50,6 +50,27 @@ def _mean_loads(records: Sequence[RunRecord]) -> dict[int, list[float]]:
     return {layer: [sum(col) / len(loads) for col in zip(*(l[layer] for l in loads))] for layer in loads[0]}
 
 
+_PROBE_PLOTS = (
+    ("probe_entropy", "normalised Tsallis entropy", "Router entropy on held-out tokens during training"),
+    ("probe_experts", "experts per token", "Experts per held-out token during training"),
+    ("probe_soft_fraction", "share of tokens routed soft", "Held-out tokens routed soft during training"),
+)
+
+
+def _probe_plots(routed: Mapping[str, Sequence[RunRecord]], soft: Mapping[str, Sequence[RunRecord]],
+                 directory: Path) -> list[Path]:
+    """The routing probe's curves over training (``routing_probe.jsonl``, mean ± std over seeds):
+    ``probe_entropy.png``, ``probe_experts.png`` and, for the variants that route soft,
+    ``probe_soft_fraction.png``; none when no run has a probe."""
+    written = []
+    for key, ylabel, title in _PROBE_PLOTS:
+        groups = soft if key == "probe_soft_fraction" else routed
+        curves = {n: [r.probe_curve(key) for r in rs] for n, rs in groups.items()}
+        if any(any(c) for c in curves.values()):
+            written.append(plot_curves(curves, directory / f"{key}.png", ylabel, f"{title} (mean ± std over seeds)"))
+    return written
+
+
 def routing_plots(groups: Mapping[str, Sequence[RunRecord]], directory: Path) -> list[Path]:
     """Figures 5 and 6 and the routing analyses; a figure without data (e.g. soft share when no
     variant routes soft) is not written."""
@@ -67,6 +88,7 @@ def routing_plots(groups: Mapping[str, Sequence[RunRecord]], directory: Path) ->
     written.append(plot_by_layer(_by_layer_panels(routed, "entropy"), directory / "entropy_by_layer.png",
                                  "normalised Tsallis entropy", "Router entropy by layer (evaluation)"))
     written.append(plot_load_heatmaps({n: _mean_loads(rs) for n, rs in routed.items()}, directory / "expert_load.png"))
+    written += _probe_plots(routed, soft, directory)
     entropy = {n: [r.entropy_curve() for r in rs] for n, rs in routed.items()}
     if any(any(c) for c in entropy.values()):
         written.append(plot_curves(entropy, directory / "entropy_training.png", "normalised Tsallis entropy",

@@ -68,6 +68,19 @@ class RunRecord:
         records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
         return [(int(r["step"]), float(r[key])) for r in records if key in r]
 
+    def probes(self) -> list[dict[str, Any]]:
+        """The routing probe's records (``routing_probe.jsonl``: held-out routing statistics during
+        training), in step order; empty when the run had no probe."""
+        path = self.directory / PROBE_LOG_NAME
+        if not path.is_file():
+            return []
+        records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        return sorted(records, key=lambda r: r["step"])
+
+    def probe_curve(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every routing-probe record that has ``key`` (e.g. ``probe_entropy``)."""
+        return [(int(p["step"]), float(p[key])) for p in self.probes() if key in p]
+
     def entropy_curve(self) -> list[tuple[int, float]]:
         """Normalised router entropy over training: the logged entropy loss divided by its
         coefficient (empty when the run had no entropy loss)."""
