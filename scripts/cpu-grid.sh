@@ -7,10 +7,17 @@
 # extend the same grid run that code: git archive da124a7 src | tar -x -C /tmp/s && DYNMOLE="env PYTHONPATH=/tmp/s/src .venv/bin/python -m dynmole" bash scripts/cpu-grid.sh
 set -uo pipefail  # a failed run is reported in its error.txt; the next one still runs
 cd "$(dirname "$0")/.."
-R="${DYNMOLE:-.venv/bin/python -m dynmole} reproduce --profile cpu --output-dir ${OUT:-docs/results/cpu}"
+DYN="${DYNMOLE:-.venv/bin/python -m dynmole}"
+R="$DYN reproduce --profile cpu --output-dir ${OUT:-docs/results/cpu}"
+L="$DYN reproduce --profile cpu --set scoring=label --output-dir ${OUT_LABEL:-docs/results/cpu-label}"
 MAIN=lora,dynmole,mola,loramoe,ldmole
 $R --methods $MAIN --seeds 0
 $R --methods dynmole-noent,dynmole-topp,topp,remole,dora --seeds 0
 $R --methods $MAIN --seeds 1
 $R --methods dynmole-noent,dynmole-topp,topp,remole,dora --seeds 1
 $R   # the whole grid: seed 2 of the main rows, then the table, paired tests and plots of every run
+# The papers' own protocol (`label`: the choices in the prompt with labels, trained to answer with the label), on
+# the main rows: its own folder, so each table names one protocol.
+$L --methods $MAIN --seeds 0
+$L --methods $MAIN --seeds 1
+
