@@ -88,6 +88,25 @@ def test_small_noisy_difference_is_not_declared():
     assert result.verdict() == "no difference detected at 5 %"
 
 
+def test_detectable_difference_and_examples_needed_follow_the_standard_error():
+    # one task, 400 examples, A and B disagree on 80 (50 only A right, 30 only B right): difference +5 points,
+    # standard error of a paired difference about sqrt(d / n) = sqrt(0.2 / 400) = 2.2 points.
+    a = [_run({"arc_e": [1] * 50 + [0] * 30 + [1] * 100 + [0] * 220})]
+    b = [_run({"arc_e": [0] * 50 + [1] * 30 + [1] * 100 + [0] * 220})]
+    result = sig.paired_comparison(a, b, "acc").average
+    assert result.difference == pytest.approx(0.05)
+    assert result.standard_error == pytest.approx((0.2 - 0.05**2) ** 0.5 / 400**0.5, rel=0.05)
+    assert result.detectable() == pytest.approx((1.959964 + 0.841621) * result.standard_error)
+    assert result.detectable(power=0.5) < result.detectable() < result.detectable(power=0.9)
+    needed = result.examples_to_detect()
+    assert needed == pytest.approx(400 * (result.detectable() / 0.05) ** 2, abs=1)
+    # +5 points is 2.3 standard errors: significant (p about 0.02) but below the 2.8 of 80 % power, so about
+    # 1.5x the examples would detect it reliably
+    assert result.p_value < 0.05 and 400 < needed < 700
+    same = sig.paired_comparison(a, a, "acc").average
+    assert same.examples_to_detect() is None and same.detectable() == 0
+
+
 def test_statistic_averages_tasks_and_seeds_and_allows_other_seed_counts():
     # arc_e (10 examples): A always right, B always wrong; piqa (100): the same predictions.
     # Task average: (1 + 0) / 2 = 0.5, not the pooled 10 / 110.
@@ -188,9 +207,11 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
     assert cells[:6] == ["DynMoLE beats LoRA", "DynMoLE", "LoRA", "acc_norm", "2 / 2", "200"]
     assert cells[6] == "+35.0" and cells[8] == "< 0.001" and cells[10] == "DynMoLE > LoRA"
+    assert 0 < float(cells[11]) < 35 and 0 < int(cells[12].replace(",", "")) < 200  # detected with room to spare
     assert re.fullmatch(r"\[\+\d+\.\d, \+\d+\.\d\]", cells[7])
     mola = [c.strip() for c in rows[0].strip("|").split("|")]
     assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
+    assert mola[11:] == ["0.0", "-"]  # identical predictions: no gap to detect
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
 
     grid_report(groups, tmp_path, "Comparison")

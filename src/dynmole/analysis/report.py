@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import NormalDist
 from typing import Mapping, Sequence
 
 from ..evaluate import metric_heading
 from ..io import atomic_write
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
-from .significance import ALPHA, CLAIMS, RESAMPLES, SEED, PairedComparison, paired_comparison
+from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
 from .tables import comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant
 
 METRICS = ("acc_norm", "acc")
+_Z_ALPHA, _Z_POWER = NormalDist().inv_cdf(1 - ALPHA / 2), NormalDist().inv_cdf(POWER)
 _INTERVALS_NOTE = (
     "Cells: mean over seeds with its 95 % interval over the evaluation examples: for one seed the Wilson score "
     f"interval, for several a percentile bootstrap ({RESAMPLES:,} resamples) of each example's correctness averaged "
@@ -120,7 +122,11 @@ def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
         f"A and B, seed {SEED}), percentile interval, two-sided p from the bootstrap distribution of the centred "
         "difference. McNemar p: exact binomial test on the examples only one of A and B got right, pooled over "
         "tasks and seed pairs (a second opinion). "
-        f"Verdict: bootstrap p < {ALPHA:g}; no correction for testing several claims. The hybrid-routing row "
+        f"Verdict: bootstrap p < {ALPHA:g}; no correction for testing several claims. Detectable: the smallest "
+        f"true difference these examples and seeds detect with {100 * POWER:g} % power at 5 % "
+        f"(({_Z_ALPHA:.2f} + {_Z_POWER:.2f}) x the bootstrap standard error); examples for this gap: how many evaluation examples, at "
+        "the same disagreement between A and B, would detect the observed difference with that power, were it the "
+        "true one (what size would decide the claim). The hybrid-routing row "
         "compares DynMoLE (-) with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing "
         "rule (soft routing at high router entropy with at least 2 experts, against top-p with at least 1)."
     )

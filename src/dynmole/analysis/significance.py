@@ -26,6 +26,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 10_000
 SEED = 0
 ALPHA = 0.05
+POWER = 0.8
 _DRAWS_PER_CHUNK = 4_000_000  # bootstrap indices drawn at once: bounds the memory of a large task
 
 CLAIMS: tuple[tuple[str, str, str], ...] = (
@@ -65,6 +66,23 @@ class PairedDifference:
     high: float
     p_value: float
     examples: int
+    standard_error: float
+    """The standard deviation of the bootstrap distribution of the difference."""
+
+    def detectable(self, power: float = POWER, alpha: float = ALPHA) -> float:
+        """The smallest true difference that this many examples (at this disagreement between A and
+        B, these seeds) detect with probability ``power`` at two-sided level ``alpha``: the normal
+        approximation ``(z_{1-alpha/2} + z_power) * standard_error``."""
+        normal = NormalDist()
+        return (normal.inv_cdf(1 - alpha / 2) + normal.inv_cdf(power)) * self.standard_error
+
+    def examples_to_detect(self, power: float = POWER, alpha: float = ALPHA) -> int | None:
+        """Evaluation examples needed to detect the observed difference with probability ``power``,
+        were it the true one (the standard error shrinks as 1 / sqrt(examples)); None when the
+        observed difference is 0."""
+        if self.difference == 0:
+            return None
+        return math.ceil(self.examples * (self.detectable(power, alpha) / self.difference) ** 2)
 
 
 @dataclass(frozen=True)
@@ -242,7 +260,7 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> McNemar:
 
 def _paired_difference(observed: float, draws: np.ndarray, examples: int, confidence: float) -> PairedDifference:
     low, high = percentile_interval(draws, confidence)
-    return PairedDifference(observed, low, high, bootstrap_p_value(draws, observed), examples)
+    return PairedDifference(observed, low, high, bootstrap_p_value(draws, observed), examples, float(draws.std(ddof=1)))
 
 
 def _aligned(a_runs: Sequence[Predictions], b_runs: Sequence[Predictions], metric: str,
