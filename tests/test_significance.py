@@ -10,7 +10,7 @@ from dynmole.analysis import RunRecord, grid_report, group_by_variant, interval_
 from dynmole.analysis import significance as sig
 from dynmole.analysis.runs import write_predictions
 
-COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "mini" / "runs"
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "mini-2026-11" / "runs"  # no predictions
 
 
 def _run(correct_by_task, label=1, choices=4):
@@ -217,6 +217,17 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     grid_report(groups, tmp_path, "Comparison")
     text = (tmp_path / "results.md").read_text()
     assert "### 95 % intervals: acc_norm" in text and markdown in text
+
+
+def test_fine_tuning_is_tested_against_the_zero_shot_base(tmp_path):
+    base = _write_run(tmp_path, "base", "Base (zero-shot)", 0, _run({"arc_e": [1] * 40 + [0] * 60}))
+    lora = [_write_run(tmp_path, "lora", "LoRA", s, _run({"arc_e": [1] * 90 + [0] * 10})) for s in (0, 1)]
+    rows = [line for line in paired_tests_markdown(group_by_variant([base, *lora])).splitlines()
+            if line.startswith("| fine-tuning helps")]
+    assert len(rows) == 2  # acc_norm and acc
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1:7] == ["LoRA", "Base (zero-shot)", "acc_norm", "2 / 1", "100", "+50.0"]
+    assert cells[10] == "LoRA > Base (zero-shot)"
 
 
 def test_runs_without_predictions_keep_working():

@@ -30,6 +30,7 @@ POWER = 0.8
 _DRAWS_PER_CHUNK = 4_000_000  # bootstrap indices drawn at once: bounds the memory of a large task
 
 CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("lora", "base", "fine-tuning helps (LoRA vs the zero-shot base)"),
     ("dynmole", "mola", "DynMoLE beats MoLA (top-2)"),
     ("mola", "loramoe", "MoLA (top-2) beats LoRAMoE"),
     ("loramoe", "lora", "LoRAMoE beats LoRA"),
@@ -41,7 +42,8 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("ldmole", "mola", "LD-MoLE (shared) beats MoLA (top-2)"),
 )
 """The papers' claims as (A variant key, B variant key, claim): each says A is more accurate than B
-(keys of ``dynmole.reproduce_profiles.VARIANTS``). The hybrid-routing row compares DynMoLE (-)
+(keys of ``dynmole.reproduce_profiles.VARIANTS``, or ``base`` for the zero-shot model, the premise
+that fine-tuning helps at all at the grid's budget). The hybrid-routing row compares DynMoLE (-)
 with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing rule (soft
 routing when the router's entropy is high, and at least 2 experts, against plain top-p with at
 least 1), the two switched together as in DynMoLE's ablation."""
