@@ -201,7 +201,7 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
                         r"77\.5 \[\d+\.\d, \d+\.\d\] \| 1 \| 200 \|", intervals[4]), intervals[4]
 
     markdown = paired_tests_markdown(groups)
-    rows = [line for line in markdown.splitlines() if line.startswith("| DynMoLE beats")]
+    rows = [line for line in markdown.split("### Verdict per claim")[0].splitlines() if line.startswith("| DynMoLE beats")]
     # DynMoLE > MoLA and DynMoLE > LoRA (x 2 metrics); no LoRAMoE, so "LoRAMoE beats LoRA" is left out.
     assert len(rows) == 4 and "LoRAMoE" not in markdown
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
@@ -213,10 +213,39 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
     assert mola[11:] == ["0.0", "-"]  # identical predictions: no gap to detect
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
+    verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines() if line.startswith("| DynMoLE beats")]
+    assert verdicts[0].startswith("| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")
+    assert verdicts[0].endswith("| not decided: no difference detected; these tests detect 0.0 points with 80 % power |")
+    assert verdicts[1].endswith("| supported |") and len(verdicts) == 2
 
     grid_report(groups, tmp_path, "Comparison")
     text = (tmp_path / "results.md").read_text()
     assert "### 95 % intervals: acc_norm" in text and markdown in text
+
+
+def _comparison(metric, difference, p_value, standard_error=0.01):
+    average = sig.PairedDifference(difference, difference - 0.02, difference + 0.02, p_value, 1000, standard_error)
+    return sig.PairedComparison("A", "B", metric, 2, 2, 10_000, average, {}, sig.McNemar(0, 0, 1.0))
+
+
+@pytest.mark.parametrize("cases, expected", [
+    ([("acc_norm", 0.03, 0.001), ("acc", 0.02, 0.01)], "supported"),
+    ([("acc_norm", -0.03, 0.001), ("acc", -0.02, 0.04)], "contradicted"),
+    ([("acc_norm", 0.03, 0.001), ("acc", 0.01, 0.3)], "supported on acc_norm only"),
+    ([("acc_norm", -0.01, 0.2), ("acc", -0.03, 0.01)], "contradicted on acc only"),
+    ([("acc_norm", 0.03, 0.001), ("acc", -0.03, 0.001)], "conflicting: A > B on acc_norm, B > A on acc"),
+    ([("acc_norm", 0.0, 0.0), ("acc", 0.004, 0.6)], "not decided"),  # a zero difference decides nothing
+])
+def test_claim_verdict_combines_the_metrics(cases, expected):
+    verdict = sig.claim_verdict([_comparison(*case) for case in cases])
+    assert verdict.split(":")[0] == expected.split(":")[0] and verdict.startswith(expected)
+
+
+def test_undecided_claim_says_what_the_tests_could_detect():
+    verdict = sig.claim_verdict([_comparison("acc_norm", 0.004, 0.6, 0.005), _comparison("acc", 0.001, 0.9, 0.01)])
+    assert verdict == "not decided: no difference detected; these tests detect 1.4-2.8 points with 80 % power"
+    with pytest.raises(ValueError):
+        sig.claim_verdict([])
 
 
 def test_fine_tuning_is_tested_against_the_zero_shot_base(tmp_path):
@@ -224,7 +253,7 @@ def test_fine_tuning_is_tested_against_the_zero_shot_base(tmp_path):
     lora = [_write_run(tmp_path, "lora", "LoRA", s, _run({"arc_e": [1] * 90 + [0] * 10})) for s in (0, 1)]
     rows = [line for line in paired_tests_markdown(group_by_variant([base, *lora])).splitlines()
             if line.startswith("| fine-tuning helps")]
-    assert len(rows) == 2  # acc_norm and acc
+    assert len(rows) == 3 and rows[2].endswith("| supported |")  # acc_norm, acc, then the verdict
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[1:7] == ["LoRA", "Base (zero-shot)", "acc_norm", "2 / 1", "100", "+50.0"]
     assert cells[10] == "LoRA > Base (zero-shot)"

@@ -11,7 +11,7 @@ from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .report import ablation_report, claim_comparisons, grid_report, paired_tests_markdown, routing_plots
 from .runs import RunRecord, by_layer, group_by_variant, layer_index, load_by_layer, mean_experts, mean_std
 from .significance import CLAIMS, accuracy_intervals, paired_comparison, wilson_interval
-from .tables import comparison_table, interval_table, mean_std_cell, paired_table
+from .tables import comparison_table, interval_table, mean_std_cell, paired_table, verdict_table
 
 __all__ = [
     "CLAIMS",
@@ -37,5 +37,6 @@ __all__ = [
     "plot_curves",
     "plot_load_heatmaps",
     "routing_plots",
+    "verdict_table",
     "wilson_interval",
 ]

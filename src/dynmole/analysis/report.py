@@ -11,7 +11,8 @@ from ..io import atomic_write
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
 from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
-from .tables import comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant
+from .tables import (comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant,
+                     verdict_table)
 
 METRICS = ("acc_norm", "acc")
 _Z_ALPHA, _Z_POWER = NormalDist().inv_cdf(1 - ALPHA / 2), NormalDist().inv_cdf(POWER)
@@ -130,7 +131,10 @@ def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
         "compares DynMoLE (-) with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing "
         "rule (soft routing at high router entropy with at least 2 experts, against top-p with at least 1)."
     )
-    return (f"## Paired tests\n\n{how}\n\n{paired_table(rows)}\n"
+    verdicts = ("### Verdict per claim\n\nEach claim over both metrics: supported (or contradicted) where every "
+                "metric's paired test finds A > B (or B > A) at 5 %, \"on <metric> only\" where the other metric "
+                "detects nothing, not decided where neither detects a difference.\n\n")
+    return (f"## Paired tests\n\n{how}\n\n{paired_table(rows)}\n{verdicts}{verdict_table(rows)}\n"
             f"### Paired tests per task (difference in points [95 % interval] p)\n\n{paired_task_table(rows)}")
 
 

@@ -122,6 +122,29 @@ def verdict(result: PairedDifference, a: str, b: str, alpha: float = ALPHA) -> s
     return f"{a} > {b}" if result.difference > 0 else f"{b} > {a}"
 
 
+def claim_verdict(comparisons: Sequence[PairedComparison], alpha: float = ALPHA) -> str:
+    """One claim's verdict ("A beats B") over its metrics, each decided by its paired test at
+    ``alpha``: supported where A > B on every metric, contradicted where B > A on every metric,
+    "supported on <metrics> only" or "contradicted on <metrics> only" where the other metrics detect
+    nothing, "conflicting" where the metrics disagree in sign, and "not decided" (with the smallest
+    difference the tests could have detected) where none detects a difference."""
+    if not comparisons:
+        raise ValueError("a claim needs at least one comparison")
+    def decided(c: PairedComparison) -> int:
+        return 0 if c.average.p_value >= alpha or c.average.difference == 0 else (1 if c.average.difference > 0 else -1)
+    signs = [decided(c) for c in comparisons]
+    wins = [c.metric for c, s in zip(comparisons, signs) if s > 0]
+    losses = [c.metric for c, s in zip(comparisons, signs) if s < 0]
+    if wins and losses:
+        return f"conflicting: A > B on {', '.join(wins)}, B > A on {', '.join(losses)}"
+    if wins or losses:
+        word, metrics = ("supported", wins) if wins else ("contradicted", losses)
+        return word if len(metrics) == len(comparisons) else f"{word} on {', '.join(metrics)} only"
+    low, high = (f"{100 * f(c.average.detectable(alpha=alpha) for c in comparisons):.1f}" for f in (min, max))
+    return (f"not decided: no difference detected; these tests detect {low if low == high else f'{low}-{high}'} "
+            f"points with {100 * POWER:g} % power")
+
+
 # ------------------------------------------------------------------------------- predictions
 def _reorder(ids: Sequence[str], reference: Sequence[str], where: str) -> np.ndarray:
     """Positions in ``ids`` of each id of ``reference``; a ValueError naming ``where`` unless both

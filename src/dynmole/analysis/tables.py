@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 
 from ..job import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
-from .significance import Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals
+from .significance import (Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals,
+                           claim_verdict)
 
 
 def mean_std_cell(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -134,4 +135,20 @@ def paired_task_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
     for _, c in rows:
         cells = [paired_cell(c.tasks[t]) if t in c.tasks else "-" for t in tasks]
         lines.append(f"| {c.a} vs {c.b} | {c.metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
+    """Markdown table, one row per claim (in first-seen order): each metric's difference A - B with
+    its interval and p-value, then ``significance.claim_verdict`` over the metrics."""
+    claims: dict[str, list[PairedComparison]] = {}
+    for claim, c in rows:
+        claims.setdefault(claim, []).append(c)
+    metrics = list(dict.fromkeys(c.metric for _, c in rows))
+    lines = ["| claim | A | B | " + " | ".join(metrics) + " | verdict |", "|---|---|---|" + "---:|" * len(metrics) + "---|"]
+    for claim, comparisons in claims.items():
+        by_metric = {c.metric: c for c in comparisons}
+        cells = [paired_cell(by_metric[m].average) if m in by_metric else "-" for m in metrics]
+        lines.append(f"| {claim} | {comparisons[0].a} | {comparisons[0].b} | " + " | ".join(cells)
+                     + f" | {claim_verdict(comparisons)} |")
     return "\n".join(lines) + "\n"
