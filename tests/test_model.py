@@ -204,6 +204,7 @@ def test_trainable_parameters_reported(tiny_llama, capsys):
         ({"keep_top_k": 7}, "keep_top_k must be in"),
         ({"method": "mola", "top_k": 7}, "top_k must be in"),
         ({"threshold": 1.2}, r"threshold must be in \[0, 1\]"),
+        ({"top_p_mode": "nucleus"}, "top_p_mode must be .paper. or .reference."),
         ({"r": 0}, "rank r must be >= 1"),
         ({"alpha": 0}, "alpha must be > 0"),
         ({"alpha": -16}, "alpha must be > 0"),

@@ -20,6 +20,7 @@ from peft.utils import CONFIG_NAME, PeftType, TaskType
 from . import __version__
 from .errors import DynmoleError
 from .io import write_json
+from .routing.dynamic import DynamicRouter
 
 METHODS = ("loramoe", "mola", "topp", "dynmole", "ldmole", "remole")
 # 2: fields entropy_eps, balance_pooling, router_dropout, lambda_bias_init; balance_coef,
@@ -251,14 +252,10 @@ class MoLEConfig(PeftConfig):
         if any(n < 1 for n in counts):
             raise DynmoleError(f"every expert count must be >= 1, got {self.num_experts!r}")
         smallest = min(counts)
-        if self.q <= 0:
-            raise DynmoleError(f"Tsallis q must be > 0, got {self.q}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise DynmoleError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_p_mode not in ("paper", "reference"):
-            raise DynmoleError(f"top_p_mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise DynmoleError(f"entropy threshold must be in [0, 1], got {self.threshold}")
+        try:  # the routing rule's own checks: DynamicRouter is their one source
+            DynamicRouter(threshold=self.threshold, q=self.q, top_p=self.top_p, top_p_mode=self.top_p_mode)
+        except ValueError as error:
+            raise DynmoleError(str(error)) from None
         if self.method == "dynmole" and not 1 <= self.keep_top_k <= smallest:
             raise DynmoleError(f"keep_top_k must be in [1, num_experts={smallest}], got {self.keep_top_k}")
         if self.method == "mola" and not 1 <= self.top_k <= smallest:

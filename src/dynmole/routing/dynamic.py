@@ -59,7 +59,7 @@ class DynamicRouter:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_p_mode not in ("paper", "reference"):
-            raise ValueError(f"top_p mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
+            raise ValueError(f"top_p_mode must be 'paper' or 'reference', got {self.top_p_mode!r}")
         if self.keep_top_k < 1:
             raise ValueError(f"keep_top_k must be >= 1, got {self.keep_top_k}")
 
