@@ -114,3 +114,18 @@ def test_routing_probe_curves_are_plotted_over_training(tmp_path):
     assert {"probe_entropy.png", "probe_experts.png", "probe_soft_fraction.png"} <= set(names)
     for name in ("probe_entropy.png", "probe_soft_fraction.png"):
         _assert_png(tmp_path / "plots" / name)
+
+
+def test_time_table_reports_minutes_training_share_and_total(tmp_path):
+    from dynmole.analysis.tables import time_table
+
+    records = [_record(tmp_path, "LoRA", s, 0.5) for s in (0, 1)] + [_record(tmp_path, "Base", 0, 0.4)]
+    assert time_table(group_by_variant(records)) == ""  # nothing recorded its wall time
+    for record, wall, train in zip(records, (600.0, 720.0, 360.0), (450.0, 540.0, None)):
+        record.result.update(wall_time_s=wall, machine="x86_64 Linux, CPU x2 threads")
+        if train is not None:
+            record.result["train_summary"] = {"runtime_s": train}
+    lines = time_table(group_by_variant(records)).splitlines()
+    assert lines[2] == "| LoRA | 2 | 11.0 (10.0-12.0) | 75 % |"  # (450 + 540) / (600 + 720)
+    assert lines[3] == "| Base | 1 | 6.0 | - |"
+    assert lines[-1] == "In all 0.5 h of wall time, on: x86_64 Linux, CPU x2 threads."

@@ -12,7 +12,7 @@ from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
 from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
 from .tables import (comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant,
-                     verdict_table)
+                     time_table, verdict_table)
 
 METRICS = ("acc_norm", "acc")
 _Z_ALPHA, _Z_POWER = NormalDist().inv_cdf(1 - ALPHA / 2), NormalDist().inv_cdf(POWER)
@@ -155,7 +155,11 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
     paired = paired_tests_markdown(groups) if paired is None else paired
     plots = routing_plots(groups, directory / "plots")
     figures = "\n".join(f"- `{p.relative_to(directory)}`" for p in plots)
-    text = f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + f"## Figures\n\n{figures}\n"
+    time = time_table(groups)
+    time = (f"## Time\n\nEach run's `wall_time_s` (training, evaluation and checkpoints; it includes whatever else "
+            f"ran on the machine) and the share of it its trainer reported as training.\n\n{time}\n") if time else ""
+    text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time
+            + f"## Figures\n\n{figures}\n")
     return [_write_text(directory / "results.md", text), *plots]
 
 

@@ -152,3 +152,26 @@ def verdict_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
         lines.append(f"| {claim} | {comparisons[0].a} | {comparisons[0].b} | " + " | ".join(cells)
                      + f" | {claim_verdict(comparisons)} |")
     return "\n".join(lines) + "\n"
+
+
+def time_table(groups: Mapping[str, Sequence[RunRecord]]) -> str:
+    """Markdown table of what the runs cost: per variant its runs, the wall time of one run in
+    minutes (mean, and the range over seeds where several) and the share of it spent training,
+    then the grid's total in hours and the machines the runs name; empty when no run recorded
+    ``wall_time_s``."""
+    timed = {name: [r for r in records if r.result.get("wall_time_s") is not None] for name, records in groups.items()}
+    if not any(timed.values()):
+        return ""
+    lines = ["| method | runs | minutes per run | training share |", "|---|---:|---:|---:|"]
+    for name, records in timed.items():
+        if not records:
+            continue
+        minutes = [r.result["wall_time_s"] / 60 for r in records]
+        spread = f" ({min(minutes):.1f}-{max(minutes):.1f})" if len(minutes) > 1 else ""
+        train = [r.result.get("train_summary", {}).get("runtime_s") for r in records]
+        share = (f"{100 * sum(train) / sum(r.result['wall_time_s'] for r in records):.0f} %"
+                 if all(s is not None for s in train) else "-")
+        lines.append(f"| {name} | {len(records)} | {sum(minutes) / len(minutes):.1f}{spread} | {share} |")
+    hours = sum(r.result["wall_time_s"] for records in timed.values() for r in records) / 3600
+    machines = sorted({r.result.get("machine", "?") for records in timed.values() for r in records})
+    return "\n".join(lines) + f"\n\nIn all {hours:.1f} h of wall time, on: {'; '.join(machines)}.\n"
