@@ -5,6 +5,7 @@
 # The finished runs of docs/results/cpu were trained by commit b804ca4 (da124a7 differs from it only by a refactor of the probe-set code); later
 # commits fuse the adapter's input matmuls and run LD-MoLE's lambda-MLP fc1 in fp32 under autocast, so to
 # extend the same grid run that code: git archive da124a7 src | tar -x -C /tmp/s && DYNMOLE="env PYTHONPATH=/tmp/s/src .venv/bin/python -m dynmole" bash scripts/cpu-grid.sh
+# Beside it, scripts/commit-runs.sh docs/results/cpu cpu-grid docs/results/cpu-label cpu-label commits each finished run.
 set -uo pipefail  # a failed run is reported in its error.txt; the next one still runs
 cd "$(dirname "$0")/.."
 DYN="${DYNMOLE:-.venv/bin/python -m dynmole}"
