@@ -118,6 +118,9 @@ def test_statistic_averages_tasks_and_seeds_and_allows_other_seed_counts():
     assert result.tasks["piqa"].difference == 0
     assert result.average.difference == pytest.approx(0.375) and (result.seeds_a, result.seeds_b) == (2, 1)
     assert result.mcnemar.a_only == 10  # only the first seed of A is paired with B's one seed
+    assert result.seed_pairs == (pytest.approx(0.5),)  # (1 - 0 on arc_e + 0 on piqa) / 2, that pair alone
+    two = sig.paired_comparison(a, [b[0], b[0]], "acc")
+    assert two.seed_pairs == (pytest.approx(0.5), pytest.approx(0.25))  # A's seed 1 gets arc_e half right
 
 
 def test_b_is_aligned_to_a_by_id():
@@ -211,7 +214,7 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     assert re.fullmatch(r"\[\+\d+\.\d, \+\d+\.\d\]", cells[7])
     mola = [c.strip() for c in rows[0].strip("|").split("|")]
     assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
-    assert mola[11:] == ["0.0", "-"]  # identical predictions: no gap to detect
+    assert mola[11:] == ["0.0", "-", "+0.0"]  # identical predictions: no gap to detect; one seed pair
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
     verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines() if line.startswith("| DynMoLE beats")]
     assert verdicts[0].startswith("| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")

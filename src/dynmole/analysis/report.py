@@ -127,7 +127,9 @@ def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
         f"true difference these examples and seeds detect with {100 * POWER:g} % power at 5 % "
         f"(({_Z_ALPHA:.2f} + {_Z_POWER:.2f}) x the bootstrap standard error); examples for this gap: how many evaluation examples, at "
         "the same disagreement between A and B, would detect the observed difference with that power, were it the "
-        "true one (what size would decide the claim). The hybrid-routing row "
+        "true one (what size would decide the claim). By seed pair: the difference of A's i-th seed against B's "
+        "i-th (the bootstrap treats the trained models as fixed, so this column is what shows training-seed "
+        "variation). The hybrid-routing row "
         "compares DynMoLE (-) with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing "
         "rule (soft routing at high router entropy with at least 2 experts, against top-p with at least 1)."
     )

@@ -110,6 +110,10 @@ class PairedComparison:
     average: PairedDifference
     tasks: dict[str, PairedDifference]
     mcnemar: McNemar
+    seed_pairs: tuple[float, ...] = ()
+    """A's minus B's task-averaged accuracy for each seed pair (A's i-th run against B's i-th, as
+    McNemar pairs them): whether the pooled difference holds seed by seed. The bootstrap treats the
+    trained models as fixed, so these are the only view of training-seed variation in the test."""
 
     def verdict(self, alpha: float = ALPHA) -> str:
         return verdict(self.average, self.a, self.b, alpha)
@@ -325,5 +329,8 @@ def paired_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Prediction
     observed = float(np.mean([t.difference for t in tasks.values()]))
     examples = sum(t.examples for t in tasks.values())
     mcnemar = mcnemar_exact(np.concatenate(list(a.values()), axis=1), np.concatenate(list(b.values()), axis=1))
+    seed_pairs = tuple(float(np.mean([a[task][i].mean() - b[task][i].mean() for task in a]))
+                       for i in range(min(len(a_runs), len(b_runs))))
     return PairedComparison(names[0], names[1], metric, len(a_runs), len(b_runs), resamples,
-                            _paired_difference(observed, _task_average(draws), examples, confidence), tasks, mcnemar)
+                            _paired_difference(observed, _task_average(draws), examples, confidence), tasks, mcnemar,
+                            seed_pairs)

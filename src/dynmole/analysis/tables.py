@@ -110,16 +110,18 @@ def paired_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
     """Markdown table, one row per (claim, comparison): A, B, metric, seeds pooled, examples, the
     difference A - B of the task-averaged accuracy in points, its 95 % interval, the bootstrap
     p-value, the exact McNemar p-value, the verdict at 5 %, the smallest difference these examples
-    detect with 80 % power and the examples that would detect the observed one."""
+    detect with 80 % power, the examples that would detect the observed one, and the difference of
+    each seed pair."""
     header = ["claim", "A", "B", "metric", "seeds A / B", "examples", "difference (points)", "95 % interval",
-              "p-value", "McNemar p", "verdict", "detectable (80 % power)", "examples for this gap"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 6 + "---|" + "---:|" * 2]
+              "p-value", "McNemar p", "verdict", "detectable (80 % power)", "examples for this gap", "by seed pair"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 6 + "---|" + "---:|" * 3]
     for claim, c in rows:
         needed = c.average.examples_to_detect()
         cells = [claim, c.a, c.b, c.metric, f"{c.seeds_a} / {c.seeds_b}", str(c.average.examples),
                  f"{100 * c.average.difference:+.1f}", f"[{100 * c.average.low:+.1f}, {100 * c.average.high:+.1f}]",
                  p_value_cell(c.average.p_value), p_value_cell(c.mcnemar.p_value), c.verdict(),
-                 f"{100 * c.average.detectable():.1f}", "-" if needed is None else f"{needed:,}"]
+                 f"{100 * c.average.detectable():.1f}", "-" if needed is None else f"{needed:,}",
+                 " / ".join(f"{100 * d:+.1f}" for d in c.seed_pairs) or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
