@@ -129,10 +129,11 @@ def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsy
             assert low <= mid <= high
     assert rows["LoRA"][3:] == ["2", "12"]
 
-    section = markdown.split("## Paired tests", 1)[1]
+    section, verdicts = markdown.split("## Paired tests", 1)[1].split("### Verdict per claim")
     claims = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
               if line.startswith("| DynMoLE beats LoRA")]
     assert [row[3] for row in claims] == ["acc_norm", "acc"]
+    assert len([line for line in verdicts.splitlines() if line.startswith("| DynMoLE beats LoRA | DynMoLE | LoRA |")]) == 1
     for row in claims:
         metric = row[3]
         assert row[1:3] == ["DynMoLE", "LoRA"] and row[4:6] == ["2 / 2", "12"]
@@ -146,7 +147,7 @@ def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsy
         p = 0.0 if row[8] == "< 0.001" else float(row[8])
         assert row[10] == ("no difference detected at 5 %" if p >= 0.05 else
                            "DynMoLE > LoRA" if expected > 0 else "LoRA > DynMoLE")
-    assert "| DynMoLE vs LoRA | acc_norm |" in section  # the per-task table
+    assert "| DynMoLE vs LoRA | acc_norm |" in verdicts  # the per-task table, after the verdicts
     paired = "## Paired tests" + section.split("## Figures", 1)[0].rstrip("\n") + "\n"
     assert paired in out  # printed at the end of the run, the same markdown
 
