@@ -218,8 +218,9 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
     verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines() if line.startswith("| DynMoLE beats")]
     assert verdicts[0].startswith("| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")
-    assert verdicts[0].endswith("| not decided: no difference detected; these tests detect 0.0 points with 80 % power |")
-    assert verdicts[1].endswith("| supported |") and len(verdicts) == 2
+    assert verdicts[0].endswith("| not decided: no difference detected; these tests detect 0.0 points with 80 % power "
+                                "| 1.000 / 1.000 |")
+    assert verdicts[1].endswith("| supported | < 0.001 / < 0.001 |") and len(verdicts) == 2
 
     grid_report(groups, tmp_path, "Comparison")
     text = (tmp_path / "results.md").read_text()
@@ -244,6 +245,24 @@ def test_claim_verdict_combines_the_metrics(cases, expected):
     assert verdict.split(":")[0] == expected.split(":")[0] and verdict.startswith(expected)
 
 
+def test_holm_adjustment_hand_computed():
+    # sorted 0.01, 0.02, 0.03, 0.5 -> 4 x 0.01, 3 x 0.02, max(0.06, 2 x 0.03), max(0.06, 1 x 0.5); in input order
+    assert sig.holm_adjusted([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+    assert sig.holm_adjusted([0.4, 0.3]) == pytest.approx([0.6, 0.6])  # monotone: never below a smaller p's
+    assert sig.holm_adjusted([0.9, 0.8, 0.7]) == pytest.approx([1.0, 1.0, 1.0]) and sig.holm_adjusted([]) == []
+
+
+def test_verdict_table_adds_holm_p_per_metric():
+    from dynmole.analysis.tables import verdict_table
+
+    rows = [("one", _comparison("acc_norm", 0.03, 0.01)), ("one", _comparison("acc", 0.03, 0.04)),
+            ("two", _comparison("acc_norm", 0.01, 0.02)), ("two", _comparison("acc", 0.0, 1.0))]
+    lines = verdict_table(rows).splitlines()
+    assert lines[0] == "| claim | A | B | acc_norm | acc | verdict | Holm p (acc_norm / acc) |"
+    assert lines[2].endswith("| supported | 0.020 / 0.080 |")  # acc_norm: 2 x 0.01; acc: 2 x 0.04
+    assert lines[3].endswith("| supported on acc_norm only | 0.020 / 1.000 |")  # max(0.02, 1 x 0.02)
+
+
 def test_undecided_claim_says_what_the_tests_could_detect():
     verdict = sig.claim_verdict([_comparison("acc_norm", 0.004, 0.6, 0.005), _comparison("acc", 0.001, 0.9, 0.01)])
     assert verdict == "not decided: no difference detected; these tests detect 1.4-2.8 points with 80 % power"
@@ -256,7 +275,7 @@ def test_fine_tuning_is_tested_against_the_zero_shot_base(tmp_path):
     lora = [_write_run(tmp_path, "lora", "LoRA", s, _run({"arc_e": [1] * 90 + [0] * 10})) for s in (0, 1)]
     rows = [line for line in paired_tests_markdown(group_by_variant([base, *lora])).splitlines()
             if line.startswith("| fine-tuning helps")]
-    assert len(rows) == 3 and rows[2].endswith("| supported |")  # acc_norm, acc, then the verdict
+    assert len(rows) == 3 and "| supported |" in rows[2]  # acc_norm, acc, then the verdict
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[1:7] == ["LoRA", "Base (zero-shot)", "acc_norm", "2 / 1", "100", "+50.0"]
     assert cells[10] == "LoRA > Base (zero-shot)"

@@ -135,7 +135,9 @@ def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
     )
     verdicts = ("### Verdict per claim\n\nEach claim over both metrics: supported (or contradicted) where every "
                 "metric's paired test finds A > B (or B > A) at 5 %, \"on <metric> only\" where the other metric "
-                "detects nothing, not decided where neither detects a difference.\n\n")
+                "detects nothing, not decided where neither detects a difference. Holm p: each metric's p-value "
+                "adjusted (Holm-Bonferroni) over all the claims of this table, below 0.05 where a difference "
+                "survives the family-wise check.\n\n")
     return (f"## Paired tests\n\n{how}\n\n{paired_table(rows)}\n{verdicts}{verdict_table(rows)}\n"
             f"### Paired tests per task (difference in points [95 % interval] p)\n\n{paired_task_table(rows)}")
 

@@ -126,6 +126,19 @@ def verdict(result: PairedDifference, a: str, b: str, alpha: float = ALPHA) -> s
     return f"{a} > {b}" if result.difference > 0 else f"{b} > {a}"
 
 
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the given order: the k-th smallest of m becomes
+    ``max_{j <= k} min(1, (m - j + 1) p_(j))``; rejecting where the adjusted p < alpha holds the
+    family-wise error rate at alpha."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted = [0.0] * len(p_values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def claim_verdict(comparisons: Sequence[PairedComparison], alpha: float = ALPHA) -> str:
     """One claim's verdict ("A beats B") over its metrics, each decided by its paired test at
     ``alpha``: supported where A > B on every metric, contradicted where B > A on every metric,

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 from ..job import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
 from .significance import (Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals,
-                           claim_verdict)
+                           claim_verdict, holm_adjusted)
 
 
 def mean_std_cell(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -142,17 +142,24 @@ def paired_task_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
 
 def verdict_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
     """Markdown table, one row per claim (in first-seen order): each metric's difference A - B with
-    its interval and p-value, then ``significance.claim_verdict`` over the metrics."""
+    its interval and p-value, ``significance.claim_verdict`` over the metrics, then each metric's
+    p-value Holm-adjusted over the table's claims (the family-wise check the verdict does not make)."""
     claims: dict[str, list[PairedComparison]] = {}
     for claim, c in rows:
         claims.setdefault(claim, []).append(c)
     metrics = list(dict.fromkeys(c.metric for _, c in rows))
-    lines = ["| claim | A | B | " + " | ".join(metrics) + " | verdict |", "|---|---|---|" + "---:|" * len(metrics) + "---|"]
+    holm = {}
+    for metric in metrics:
+        found = [(claim, c) for claim, c in rows if c.metric == metric]
+        holm.update(zip(((claim, metric) for claim, _ in found), holm_adjusted([c.average.p_value for _, c in found])))
+    lines = ["| claim | A | B | " + " | ".join(metrics) + " | verdict | Holm p (" + " / ".join(metrics) + ") |",
+             "|---|---|---|" + "---:|" * len(metrics) + "---|---:|"]
     for claim, comparisons in claims.items():
         by_metric = {c.metric: c for c in comparisons}
         cells = [paired_cell(by_metric[m].average) if m in by_metric else "-" for m in metrics]
+        adjusted = " / ".join(p_value_cell(holm[claim, m]) if (claim, m) in holm else "-" for m in metrics)
         lines.append(f"| {claim} | {comparisons[0].a} | {comparisons[0].b} | " + " | ".join(cells)
-                     + f" | {claim_verdict(comparisons)} |")
+                     + f" | {claim_verdict(comparisons)} | {adjusted} |")
     return "\n".join(lines) + "\n"
 
 
