@@ -160,10 +160,11 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
     paired = paired_tests_markdown(groups) if paired is None else paired
     plots = routing_plots(groups, directory / "plots")
     figures = "\n".join(f"- `{p.relative_to(directory)}`" for p in plots)
-    time = time_table(groups)
-    time = (f"## Time\n\nEach run's `wall_time_s` (training, evaluation and checkpoints; it includes whatever else "
-            f"ran on the machine) and the share of it its trainer reported as training.\n\n{time}\n") if time else ""
-    text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time
+    times = time_table(groups)
+    time_section = (f"## Time\n\nEach run's `wall_time_s` (training, evaluation and checkpoints; it includes whatever "
+                    f"else ran on the machine) and the share of it its trainer reported as training.\n\n{times}\n"
+                    if times else "")
+    text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time_section
             + f"## Figures\n\n{figures}\n")
     return [_write_text(directory / "results.md", text), *plots]
 

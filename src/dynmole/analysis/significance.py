@@ -119,11 +119,20 @@ class PairedComparison:
         return verdict(self.average, self.a, self.b, alpha)
 
 
+def direction(result: PairedDifference, alpha: float = ALPHA) -> int:
+    """1 where the test finds A > B at ``alpha``, -1 where it finds B > A, 0 where it detects nothing
+    (p >= alpha, or no difference at all)."""
+    if result.p_value >= alpha or result.difference == 0:
+        return 0
+    return 1 if result.difference > 0 else -1
+
+
 def verdict(result: PairedDifference, a: str, b: str, alpha: float = ALPHA) -> str:
     """``"a > b"`` or ``"b > a"`` when ``result.p_value < alpha``, else "no difference detected at 5 %"."""
-    if result.p_value >= alpha or result.difference == 0:
+    found = direction(result, alpha)
+    if not found:
         return f"no difference detected at {100 * alpha:g} %"
-    return f"{a} > {b}" if result.difference > 0 else f"{b} > {a}"
+    return f"{a} > {b}" if found > 0 else f"{b} > {a}"
 
 
 def holm_adjusted(p_values: Sequence[float]) -> list[float]:
@@ -147,9 +156,7 @@ def claim_verdict(comparisons: Sequence[PairedComparison], alpha: float = ALPHA)
     difference the tests could have detected) where none detects a difference."""
     if not comparisons:
         raise ValueError("a claim needs at least one comparison")
-    def decided(c: PairedComparison) -> int:
-        return 0 if c.average.p_value >= alpha or c.average.difference == 0 else (1 if c.average.difference > 0 else -1)
-    signs = [decided(c) for c in comparisons]
+    signs = [direction(c.average, alpha) for c in comparisons]
     wins = [c.metric for c, s in zip(comparisons, signs) if s > 0]
     losses = [c.metric for c, s in zip(comparisons, signs) if s < 0]
     if wins and losses:

@@ -148,10 +148,11 @@ def verdict_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
     for claim, c in rows:
         claims.setdefault(claim, []).append(c)
     metrics = list(dict.fromkeys(c.metric for _, c in rows))
-    holm = {}
+    holm: dict[tuple[str, str], float] = {}
     for metric in metrics:
         found = [(claim, c) for claim, c in rows if c.metric == metric]
-        holm.update(zip(((claim, metric) for claim, _ in found), holm_adjusted([c.average.p_value for _, c in found])))
+        for (claim, _), adjusted in zip(found, holm_adjusted([c.average.p_value for _, c in found])):
+            holm[claim, metric] = adjusted
     lines = ["| claim | A | B | " + " | ".join(metrics) + " | verdict | Holm p (" + " / ".join(metrics) + ") |",
              "|---|---|---|" + "---:|" * len(metrics) + "---|---:|"]
     for claim, comparisons in claims.items():
