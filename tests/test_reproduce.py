@@ -259,9 +259,15 @@ def test_report_only_runs_nothing_and_profile_seeds_per_variant(tmp_path, toy_in
     argv = ["--profile", "tiny", "--methods", "lora,dynmole", "--seeds", "0", "--output-dir", str(tmp_path),
             "--report-only"]
     assert reproduce.main(argv, inputs=toy_inputs) == 0
-    assert "2 of 3 planned runs are finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 of 3 planned runs are finished" in out and "other finished run" not in out
     assert not (tmp_path / "runs/dynmole").exists()
     assert "LoRA" in (tmp_path / "results.md").read_text()
+    # A report of part of the folder says which finished runs it leaves out.
+    assert reproduce.main([*argv[:3], "dynmole", *argv[4:]], inputs=toy_inputs) == 0
+    note = capsys.readouterr().out.split("note: ", 1)[1]
+    assert note.startswith("1 other finished run(s) in") and "(lora/seed0)" in note
+    assert "LoRA" not in (tmp_path / "results.md").read_text()
     cpu = PROFILES["cpu"]
     assert cpu.seeds_of("dynmole") == (0, 1, 2) and cpu.seeds_of("dora") == (0, 1)
     assert set(cpu.variants) == {"lora", "dora", "loramoe", "mola", "topp", "dynmole-topp", "dynmole-noent",

@@ -412,6 +412,15 @@ def _notes(profile: Profile, inputs: Inputs, job: JobConfig, seeds: Sequence[int
     return "\n\n".join(lines)
 
 
+def _finished_elsewhere(output_dir: Path, specs: Sequence[RunSpec]) -> list[str]:
+    """Finished runs in ``output_dir`` that ``specs`` (this command's selection) leave out, as
+    ``variant/seedN`` paths: a grid run in pieces writes each piece's report over the last one."""
+    selected = {spec.directory.resolve() for spec in specs}
+    root = output_dir / "runs"
+    found = sorted(root.glob(f"*/{RESULT_NAME}")) + sorted(root.glob(f"*/seed*/{RESULT_NAME}"))
+    return [path.parent.relative_to(root).as_posix() for path in found if path.parent.resolve() not in selected]
+
+
 def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int:
     """Run ``dynmole reproduce``; ``inputs`` replaces loading the model and data (tests).
     Returns 0, or 1 when a run failed."""
@@ -465,6 +474,11 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
         paired = paired_tests_markdown(groups)
         written = grid_report(groups, output_dir, f"Comparison: profile {profile.name}", notes, paired)
     print("wrote " + ", ".join(str(p) for p in written))
+    left_out = _finished_elsewhere(output_dir, specs)
+    if left_out and not args.ablation:
+        print(f"note: {len(left_out)} other finished run(s) in {output_dir / 'runs'} are not in this report "
+              f"({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}); name them in --methods/--seeds, "
+              "with --report-only to run nothing, to report them together")
     if paired:
         print(f"\n{paired}")
     return 1 if failed else 0
