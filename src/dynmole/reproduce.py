@@ -417,8 +417,8 @@ def _finished_elsewhere(output_dir: Path, specs: Sequence[RunSpec]) -> list[str]
     ``variant/seedN`` paths: a grid run in pieces writes each piece's report over the last one."""
     selected = {spec.directory.resolve() for spec in specs}
     root = output_dir / "runs"
-    found = sorted(root.glob(f"*/{RESULT_NAME}")) + sorted(root.glob(f"*/seed*/{RESULT_NAME}"))
-    return [path.parent.relative_to(root).as_posix() for path in found if path.parent.resolve() not in selected]
+    return [path.parent.relative_to(root).as_posix() for path in sorted(root.rglob(RESULT_NAME))
+            if path.parent.resolve() not in selected]
 
 
 def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int:
@@ -474,8 +474,8 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
         paired = paired_tests_markdown(groups)
         written = grid_report(groups, output_dir, f"Comparison: profile {profile.name}", notes, paired)
     print("wrote " + ", ".join(str(p) for p in written))
-    left_out = _finished_elsewhere(output_dir, specs)
-    if left_out and not args.ablation:
+    left_out = [] if args.ablation else _finished_elsewhere(output_dir, specs)
+    if left_out:
         print(f"note: {len(left_out)} other finished run(s) in {output_dir / 'runs'} are not in this report "
               f"({', '.join(left_out[:3])}{', ...' if len(left_out) > 3 else ''}); name them in --methods/--seeds, "
               "with --report-only to run nothing, to report them together")
