@@ -191,6 +191,13 @@ def test_settings_precedence_and_errors(tmp_path):
         reproduce.main(["--profile", "tiny", "--methods", "nope", "--dry-run"])
 
 
+def test_bad_seeds_name_the_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--profile", "tiny", "--seeds", "0,x", "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "--seeds takes comma-separated integers, got '0,x'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_mini_dry_run_fits_two_hours(tmp_path, capsys):
     assert reproduce.main(["--profile", "mini", "--dry-run", "--output-dir", str(tmp_path)]) == 0

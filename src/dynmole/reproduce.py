@@ -439,7 +439,10 @@ def main(argv: Sequence[str] | None = None, inputs: Inputs | None = None) -> int
         if args.tasks:
             overrides["tasks"] = _csv(args.tasks)
         variants = _variants(args, profile)
-        explicit = _csv(args.seeds, int)
+        try:
+            explicit = _csv(args.seeds, int)
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
         seeds_by_variant = {v.key: explicit or list(profile.seeds_of(v.key)) for v in variants}
         seeds = sorted(set().union(*seeds_by_variant.values()))
         output_dir = Path(args.output_dir or f"runs/reproduce-{profile.name}")
