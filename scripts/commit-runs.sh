@@ -5,6 +5,8 @@
 # nothing else that is staged is swept in.
 #   usage: scripts/commit-runs.sh DIR LABEL [DIR LABEL ...]   e.g. docs/results/cpu cpu-grid docs/results/cpu-label cpu-label
 # Runs until killed; checks every ${INTERVAL:-120} seconds.
+# tests/test_results_doc.py checks docs/results/cpu/results.md and the averages quoted in docs/results.md against
+# the committed cpu runs: after a run lands, regenerate the report (--report-only) and update the doc before submitting.
 set -u
 cd "$(dirname "$0")/.."
 (( $# >= 2 && $# % 2 == 0 )) || { echo "usage: $0 DIR LABEL [DIR LABEL ...]" >&2; exit 2; }

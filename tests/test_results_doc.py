@@ -1,4 +1,4 @@
-"""The published mini results (docs/results.md) are what the committed runs give."""
+"""The published results (docs/results.md and the reports under docs/results/) are what the committed runs give."""
 
 from pathlib import Path
 
@@ -10,11 +10,12 @@ from dynmole.reproduce_profiles import VARIANTS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RUNS = DOCS / "results" / "mini" / "runs"
+CPU = DOCS / "results" / "cpu"
 
 
-def _grid_records() -> list[RunRecord]:
+def _grid_records(runs: Path = RUNS) -> list[RunRecord]:
     # The paper's row order, as `dynmole reproduce` plans the grid.
-    folders = [RUNS / "base"] + [p.parent for key in VARIANTS for p in sorted(RUNS.glob(f"{key}/seed*/result.json"))]
+    folders = [runs / "base"] + [p.parent for key in VARIANTS for p in sorted(runs.glob(f"{key}/seed*/result.json"))]
     return [RunRecord.read(folder) for folder in folders]
 
 
@@ -35,3 +36,29 @@ def test_results_md_quotes_the_committed_averages():
     for name in ("LoRA", "DynMoLE", "LD-MoLE (shared)", "ReMoLE"):
         average = rows[name].split("|")[6].strip()
         assert f"| {name} |" in text and average in text.split(f"| {name} |")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("metric", ["acc_norm", "acc"])
+def test_cpu_report_is_the_committed_runs(metric):
+    # docs/results/cpu/results.md, rewritten by every `reproduce` call on the folder, must be the whole grid's.
+    table = comparison_table(group_by_variant(_grid_records(CPU / "runs")), metric)
+    assert table.strip() in (CPU / "results.md").read_text()
+
+
+def _average_intervals(report: str, metric: str) -> dict[str, str]:
+    """Row name -> the average's cell of the report's "95 % intervals: <metric>" table."""
+    section = report.split(f"### 95 % intervals: {metric}\n")[1].split("\n## ")[0]
+    header, _, *rows = [[cell.strip() for cell in line.split("|")] for line in section.splitlines() if line.startswith("|")]
+    average = header.index("average")
+    return {cells[1]: cells[average] for cells in rows}
+
+
+def test_results_md_quotes_the_cpu_report_averages():
+    report = (CPU / "results.md").read_text()
+    text = (DOCS / "results.md").read_text()
+    table = text.split("**Averages, protocol `cloze`**")[1].split("\n\n")[1]
+    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in table.splitlines()[2:])}
+    for column, metric in ((2, "acc_norm"), (3, "acc")):
+        averages = _average_intervals(report, metric)
+        assert set(rows) == set(averages)
+        assert all(rows[name][column].strip() == cell for name, cell in averages.items())
