@@ -45,20 +45,18 @@ def test_cpu_report_is_the_committed_runs(metric):
     assert table.strip() in (CPU / "results.md").read_text()
 
 
-def _average_intervals(report: str, metric: str) -> dict[str, str]:
-    """Row name -> the average's cell of the report's "95 % intervals: <metric>" table."""
-    section = report.split(f"### 95 % intervals: {metric}\n")[1].split("\n## ")[0]
-    header, _, *rows = [[cell.strip() for cell in line.split("|")] for line in section.splitlines() if line.startswith("|")]
-    average = header.index("average")
-    return {cells[1]: cells[average] for cells in rows}
+def _table(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The first markdown table of ``text``: its header cells and, by first cell, each row's cells."""
+    table = text[text.index("\n|") + 1:].split("\n\n")[0]
+    header, _, *rows = [[cell.strip() for cell in line.split("|")] for line in table.splitlines()]
+    return header, {cells[1]: cells for cells in rows}
 
 
 def test_results_md_quotes_the_cpu_report_averages():
     report = (CPU / "results.md").read_text()
-    text = (DOCS / "results.md").read_text()
-    table = text.split("**Averages, protocol `cloze`**")[1].split("\n\n")[1]
-    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in table.splitlines()[2:])}
+    _, quoted = _table((DOCS / "results.md").read_text().split("**Averages, protocol `cloze`**")[1])
     for column, metric in ((2, "acc_norm"), (3, "acc")):
-        averages = _average_intervals(report, metric)
-        assert set(rows) == set(averages)
-        assert all(rows[name][column].strip() == cell for name, cell in averages.items())
+        header, rows = _table(report.split(f"### 95 % intervals: {metric}\n")[1])
+        average = header.index("average")
+        assert set(quoted) == set(rows)
+        assert all(quoted[name][column] == cells[average] for name, cells in rows.items())
