@@ -107,6 +107,17 @@ def test_detectable_difference_and_examples_needed_follow_the_standard_error():
     assert same.examples_to_detect() is None and same.detectable() == 0
 
 
+def test_examples_needed_is_none_when_per_task_differences_cancel():
+    # A beats B on some tasks and loses on others by as many examples in all: the task-averaged difference
+    # is 0 up to float rounding, and no number of examples detects it (not 10^36 of them)
+    shifts = {"arc_e": 4, "arc_c": 4, "obqa": 1, "piqa": -19, "siqa": 13, "winogrande": -3}
+    a = {t: [1] * 200 + [1] * max(d, 0) + [0] * max(-d, 0) + [0] * (300 - abs(d)) for t, d in shifts.items()}
+    b = {t: [1] * 200 + [0] * max(d, 0) + [1] * max(-d, 0) + [0] * (300 - abs(d)) for t, d in shifts.items()}
+    result = sig.paired_comparison([_run(a)], [_run(b)], "acc").average
+    assert result.difference == pytest.approx(0, abs=1e-15) and result.detectable() > 0
+    assert result.examples_to_detect() is None
+
+
 def test_statistic_averages_tasks_and_seeds_and_allows_other_seed_counts():
     # arc_e (10 examples): A always right, B always wrong; piqa (100): the same predictions.
     # Task average: (1 + 0) / 2 = 0.5, not the pooled 10 / 110.

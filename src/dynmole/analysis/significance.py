@@ -81,8 +81,9 @@ class PairedDifference:
     def examples_to_detect(self, power: float = POWER, alpha: float = ALPHA) -> int | None:
         """Evaluation examples needed to detect the observed difference with probability ``power``,
         were it the true one (the standard error shrinks as 1 / sqrt(examples)); None when the
-        observed difference is 0."""
-        if self.difference == 0:
+        observed difference is 0 (per-task differences that cancel leave a float residue of about
+        1e-19, far below one example in a million: that is 0 too)."""
+        if abs(self.difference) < 1e-12:
             return None
         return math.ceil(self.examples * (self.detectable(power, alpha) / self.difference) ** 2)
 
