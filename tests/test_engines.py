@@ -8,6 +8,7 @@ from the gathered state dict as the Trainer does (see docs/distributed.md).
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -35,16 +36,17 @@ TRAINER_SCRIPT = textwrap.dedent(
     from dynmole import MoLEConfig
     from dynmole.train import TrainConfig, adapt_model, train
 
-    output_dir = sys.argv[1]
+    output_dir, method, precision = sys.argv[1], sys.argv[2], sys.argv[3]
     model = conftest.tiny_llama.__wrapped__()(seed=0)
     tokenizer = conftest.tiny_tokenizer.__wrapped__()
-    model = adapt_model(model, "dynmole", MoLEConfig(r=4, alpha=8, dropout=0.0))
+    model = adapt_model(model, method, MoLEConfig(r=4, alpha=8, dropout=0.0, lambda_hidden=8))
     config = TrainConfig(output_dir=output_dir, max_steps=4, batch_size=4, lr=1e-2, logging_steps=1,
-                         report_to="none", seed=0, warmup_ratio=0.0)
+                         report_to="none", seed=0, warmup_ratio=0.0, precision=precision)
     _, summary = train(model, tokenizer, _examples(8), config)  # a global batch of 8: the same examples every step
     if PartialState().is_main_process:
         losses = [e["loss"] for e in summary["log_history"] if "loss" in e]
-        json.dump({{"engine": str(PartialState().distributed_type), "losses": losses}},
+        dtypes = sorted({{str(p.dtype) for p in model.parameters()}})
+        json.dump({{"engine": str(PartialState().distributed_type), "losses": losses, "dtypes": dtypes}},
                   open(output_dir + "/run.json", "w"))
     """
 )
@@ -117,14 +119,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _launch(config: str, script: Path, output_dir: Path) -> dict:
+def _launch(config: str, script: Path, output_dir: Path, *args: str, mixed_precision: str = "no") -> dict:
     """``accelerate launch --config_file configs/accelerate/<config>`` of ``script`` on 2 CPU processes,
-    without mixed precision (bf16 in the configs is for GPUs); returns the ``run.json`` it wrote."""
+    by default without mixed precision (bf16 in the configs is for GPUs); returns the ``run.json`` it wrote."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
-         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(_free_port()),
-         str(script), str(output_dir)],
+         "--num_processes", "2", "--mixed_precision", mixed_precision, "--main_process_port", str(_free_port()),
+         str(script), str(output_dir), *args],
         capture_output=True, text=True, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,9 +172,22 @@ def test_fsdp2_trains_like_ddp_and_saves_the_whole_adapter(tmp_path):
 def test_deepspeed_zero2_trains_like_ddp(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAINER_SCRIPT.format(tests=str(Path(__file__).parent)))
-    deepspeed = _launch("deepspeed_zero2.yaml", script, tmp_path / "deepspeed")
-    ddp = _launch("ddp.yaml", script, tmp_path / "ddp")
+    deepspeed = _launch("deepspeed_zero2.yaml", script, tmp_path / "deepspeed", "dynmole", "fp32")
+    ddp = _launch("ddp.yaml", script, tmp_path / "ddp", "dynmole", "fp32")
     assert deepspeed["engine"] == "DistributedType.DEEPSPEED"  # not a silent fall-back to DDP
     assert ddp["engine"] == "DistributedType.MULTI_CPU"
     assert deepspeed["losses"] == pytest.approx(ddp["losses"], rel=1e-5)
     _assert_same_adapter(tmp_path / "deepspeed" / "adapter", tmp_path / "ddp" / "adapter")
+
+
+@pytest.mark.parametrize("method", ["ldmole", "dynmole"])
+def test_deepspeed_zero2_trains_in_bf16(tmp_path, method):
+    """The ZeRO-2 config as it is written, bf16 included: DeepSpeed casts the whole model to bf16
+    (LD-MoLE's lambda MLP with it), and training runs, its loss finite and falling."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER_SCRIPT.format(tests=str(Path(__file__).parent)))
+    run = _launch("deepspeed_zero2.yaml", script, tmp_path / "deepspeed", method, "bf16", mixed_precision="bf16")
+    assert run["engine"] == "DistributedType.DEEPSPEED"
+    assert run["dtypes"] == ["torch.bfloat16"]  # the model was cast, not run under autocast
+    assert len(run["losses"]) == 4 and all(math.isfinite(loss) for loss in run["losses"])
+    assert run["losses"][-1] < run["losses"][0]

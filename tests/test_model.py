@@ -210,6 +210,14 @@ def test_trainable_parameters_reported(tiny_llama, capsys):
         ({"alpha": -16}, "alpha must be > 0"),
         ({"method": "moe"}, "unknown method 'moe'"),
         ({"num_experts": "2-x"}, "must look like"),
+        # a None (or another type) where a plain value is needed is refused when built, not after training
+        ({"threshold": None}, r"^threshold must be a number, got None$"),
+        ({"top_p": None}, r"^top_p must be a number, got None$"),
+        ({"q": "1.1"}, r"^q must be a number, got '1.1'$"),
+        ({"r": 4.0}, r"^r must be an integer, got 4.0$"),
+        ({"soft_routing": 1}, r"^soft_routing must be true or false, got 1$"),
+        ({"alpha": True}, r"^alpha must be a number, got True$"),
+        ({"balance_coef": "x"}, r"^balance_coef must be a number or unset \(None\), got 'x'$"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -391,3 +399,52 @@ def test_remole_coefficient_all_reduces_the_statistic(tiny_llama, monkeypatch):
     model.update_remole_coefficient()
     expected = initial * 1.2 ** torch.sign(local / 4 - 2.0)  # the mean over both ranks' 4 micro-batches
     torch.testing.assert_close(model.relu_l1_coef, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["dynmole", "ldmole", "remole"])
+def test_tuple_outputs_carry_the_aux_loss_as_dict_outputs_do(tiny_llama, method):
+    """``return_dict=False`` (callers that ask for tuples) gets the same loss, aux losses included, and
+    the same gradients as ``return_dict=True``."""
+    ids, mask = _batch()
+    results = []
+    for return_dict in (True, False):
+        model = get_mole_model(tiny_llama(), MoLEConfig(method=method, r=4, alpha=8, dropout=0.0, lambda_hidden=8))
+        _randomise_adapter(model, router_std=0.2)
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, return_dict=return_dict)
+        loss = out.loss if return_dict else out[0]
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), model.last_aux_losses["total"], grads))
+    (dict_loss, aux, dict_grads), (tuple_loss, _, tuple_grads) = results
+    assert aux > 0
+    torch.testing.assert_close(tuple_loss, dict_loss, rtol=0, atol=0)
+    assert tuple_grads.keys() == dict_grads.keys()
+    for name, grad in dict_grads.items():
+        torch.testing.assert_close(tuple_grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_pickled_adapter_weights_are_refused_with_how_to_resave_them(tiny_llama, tmp_path):
+    """An adapter saved with ``safe_serialization=False`` is one (PEFT loads it); dynmole refuses the
+    pickle in one line that says so and how to re-save it, not that the folder is no adapter."""
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(DynmoleError) as error:
+        load_mole_model(tiny_llama(), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "adapter_model.bin" in message and "safe_serialization=False" in message
+    assert "save_pretrained(new_folder)" in message and "is not" not in message
+
+
+def test_data_parallel_replicas_are_refused_in_one_line(tiny_llama):
+    """``torch.nn.DataParallel`` runs shallow copies marked ``_is_replica``: their aux losses would not
+    reach the module the trainer reads, and all would share one routing recorder. (No GPUs here, so the
+    replica is marked by hand, as ``torch.nn.parallel.replicate`` marks it.)"""
+    from dynmole.model import find_mole
+
+    ids, mask = _batch()
+    model = get_mole_model(tiny_llama(), MoLEConfig(method="dynmole", r=4)).train()
+    find_mole(model)._is_replica = True
+    with pytest.raises(DynmoleError, match=r"^a MoLE model does not run under torch.nn.DataParallel .*torchrun"):
+        model(input_ids=ids, attention_mask=mask, labels=ids)

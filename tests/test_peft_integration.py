@@ -74,9 +74,8 @@ def test_peft_route_adds_the_aux_losses_and_collects_routing_stats(tiny_llama, m
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
     aux = model.last_aux_losses
     assert aux["total"] > 0.1  # the balance loss at coefficient 0.5 is about 0.5
-    find_mole(model).aux_in_loss = False  # the LM loss alone (no dropout: the same forward)
-    lm_loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
-    find_mole(model).aux_in_loss = True
+    with find_mole(model).deferred_aux_loss():  # the LM loss alone (no dropout: the same forward)
+        lm_loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     torch.testing.assert_close(out.loss, lm_loss + aux["total"])
     out.loss.backward()
     assert all(layer.router.grad is not None for layer in model.mole_layers())

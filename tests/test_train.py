@@ -268,3 +268,51 @@ def test_word_level_features_are_unchanged(tiny_tokenizer):
         for request, text in zip(_requests(tiny_tokenizer, [example], "cloze"), example.choices):
             assert request.context == (prompt or [tiny_tokenizer.bos_token_id])
             assert request.continuation == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_model_keeps_adding_the_aux_loss_after_training(tiny_llama, tiny_tokenizer, tmp_path):
+    """``MoLETrainer`` adds the aux loss itself only while it computes its loss: after ``train()`` a
+    plain training forward (a loop of one's own, a plain ``Trainer``, TRL) adds it again, and no
+    pending aux loss (with its autograd graph) is left on the model."""
+    model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8, dropout=0.0))
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=2, batch_size=4, report_to="none", warmup_ratio=0.0)
+    model, _ = train(model, tiny_tokenizer, _examples(8), config)
+    mole = find_mole(model)
+    assert mole.aux_in_loss and mole.pending_aux_loss is None
+    batch = AnswerCollator(tiny_tokenizer.pad_token_id)([encode_example(tiny_tokenizer, e) for e in _examples(4)])
+    model.train()
+    loss = model(**batch).loss
+    lm = mole.model(**batch).loss  # the HF model under the tuner: the LM loss alone
+    assert mole.last_aux_losses["total"] > 0
+    torch.testing.assert_close(loss, lm + mole.last_aux_losses["total"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, 10])
+def test_warmup_ratio_outside_zero_to_one_is_refused(ratio):
+    """transformers reads a warm-up of 1 or more as a step count: 1.0 would be one warm-up step."""
+    with pytest.raises(DynmoleError, match=r"^warmup_ratio must be in \[0, 1\) \(a share of the training steps\)"):
+        TrainConfig(warmup_ratio=ratio)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("warmup_ratio", None, "warmup_ratio must be a number, got None"),
+    ("batch_size", 2.5, "batch_size must be an integer, got 2.5"),
+    ("resume", "yes", "resume must be true or false, got 'yes'"),
+])
+def test_train_config_refuses_values_of_another_type(field, value, message):
+    with pytest.raises(DynmoleError, match=f"^{message}$"):
+        TrainConfig(**{field: value})
+
+
+def test_moletrainer_refuses_the_data_parallel_it_would_get_on_several_gpus(tiny_llama, tmp_path, monkeypatch):
+    """Without torchrun/accelerate the HF Trainer wraps the model in ``nn.DataParallel`` when it sees
+    several GPUs (``args.n_gpu > 1``): refused when the trainer is built, before any work."""
+    from transformers import TrainingArguments
+
+    from dynmole.train import MoLETrainer
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(DynmoleError, match="does not run under torch.nn.DataParallel"):
+        MoLETrainer(model=model, args=args)

@@ -243,6 +243,10 @@ def _load_for_inference(model_name: str, adapter: str | None, trust_remote_code:
         if _is_peft_adapter(Path(adapter)):
             from peft import PeftModel
 
+            from .model import require_adapter_files
+
+            require_adapter_files(Path(adapter))
+
             model = PeftModel.from_pretrained(model, adapter)
         else:
             from .model import load_mole_model

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,37 @@ def setting_fields(cls: type) -> tuple[dataclasses.Field, ...]:
     """The fields of the settings dataclass ``cls`` that a user sets (CLI options, config files,
     results records): all of them but those :class:`MoLEConfig` inherits from ``peft.PeftConfig``."""
     return tuple(f for f in dataclasses.fields(cls) if f.name not in PEFT_FIELDS)
+
+
+# The plain types a setting may have, what they accept, and how an error names them.
+_SCALAR_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+    str: ((str,), "a string"),
+}
+
+
+def check_field_types(settings: Any) -> None:
+    """Raise :class:`DynmoleError` naming the first field of the settings dataclass ``settings`` whose
+    value is not of its annotated plain type (``bool``, ``int``, ``float``, ``str``, each optionally
+    ``| None``): a ``None`` where a number is needed would otherwise pass and fail far later (a
+    comparison in the routing statistics after a whole training run). Fields of other types (lists,
+    unions of several kinds) are left to the dataclass's own checks; a bool is not taken as a number."""
+    hints = typing.get_type_hints(type(settings))
+    for spec in setting_fields(type(settings)):
+        hint = hints[spec.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        options = typing.get_args(hint) if union else (hint,)
+        optional = type(None) in options
+        kinds = [kind for kind in options if kind in _SCALAR_TYPES]
+        if len(kinds) != 1 or len(options) != 1 + optional:
+            continue
+        accepted, wanted = _SCALAR_TYPES[kinds[0]]
+        value = getattr(settings, spec.name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, accepted) or (kinds[0] is not bool and isinstance(value, bool)):
+            raise DynmoleError(f"{spec.name} must be {wanted}{' or unset (None)' if optional else ''}, got {value!r}")
+
 
 # Entropy-loss coefficient when the user leaves it unset: only DynMoLE uses it (eq. 19).
 _DEFAULT_ENTROPY_COEF = {"dynmole": 1e-2}
@@ -238,6 +271,7 @@ class MoLEConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise :class:`DynmoleError` naming the first bad field."""
+        check_field_types(self)
         if self.method not in METHODS:
             raise DynmoleError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.r < 1:

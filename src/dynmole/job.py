@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .config import MoLEConfig
+from .config import MoLEConfig, check_field_types
 from .data import (Example, format_examples, get_task, load_examples, load_mixture, scoring_protocol,
                    split_description)
 from .data.local import SUFFIXES
@@ -64,6 +64,7 @@ class JobConfig:
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        check_field_types(self)
         if self.method not in ALL_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(ALL_METHODS)}")
         self.scoring = scoring_protocol(self.scoring)  # "choices" (old name) -> "cloze"

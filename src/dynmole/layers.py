@@ -30,7 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
 
-from .numerics import upcast_dtype
+from .numerics import no_autocast, upcast_dtype
 
 
 @dataclass
@@ -79,12 +79,6 @@ def _noise(mask: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor
     (the same bits in forward and backward). The mask is read as uint8, whose conversion to a float
     dtype is vectorised on the CPU (a bool mask in a float product takes a path several times slower)."""
     return mask.view(torch.uint8).to(dtype).mul_(scale)
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 Block = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias) of one block of rows
@@ -156,7 +150,7 @@ class _AdapterInput(torch.autograd.Function):
         blocks = _blocks(router, lora_A, feature_weight, feature_bias)
         groups = _groups([w.shape[0] for w, _ in blocks], x.numel() // x.shape[-1], mask, router_dropout,
                          upcast_dtype(x.dtype), expert_dtype)
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             outputs = _project(x, mask, scale, groups, blocks)
         ctx.save_for_backward(x, mask, router, lora_A, feature_weight, feature_bias)
         ctx.scale, ctx.groups = scale, groups
@@ -172,7 +166,7 @@ class _AdapterInput(torch.autograd.Function):
             (needs[6], False)]
         block_grads: list[list[torch.Tensor | None]] = [[None, None] for _ in blocks]
         input_grads: dict[bool, torch.Tensor] = {}
-        with _no_autocast(x.device.type):
+        with no_autocast(x.device.type):
             noise = None if mask is None else _noise(mask, ctx.scale, x.dtype)
             dropped = x if noise is None else x * noise
             for reads_dropped, dtype, indices in ctx.groups:
@@ -317,7 +311,7 @@ class MoLELinear(nn.Module, BaseTunerLayer):
                 stacked = self.stacked_memo.get(dtype)
                 if stacked is None:
                     stacked = self.stacked_memo[dtype] = _stack(blocks, dtype)
-            with _no_autocast(x.device.type):
+            with no_autocast(x.device.type):
                 outputs = _project(x, mask, scale, groups, blocks, stacked)
         logits, *features_out, hidden = outputs
         return logits, (features_out[0] if features_out else None), hidden

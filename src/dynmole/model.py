@@ -20,7 +20,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, register_peft_method
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME as WEIGHTS_NAME_PICKLED, register_peft_method
 from safetensors import SafetensorError
 from torch import distributed as dist
 from torch import nn
@@ -36,7 +36,12 @@ from .stats import RoutingStats
 WEIGHTS_NAME = SAFETENSORS_WEIGHTS_NAME
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 _PEFT_PREFIX = "base_model."  # PEFT's keys: "base_model.model.<HF module>..." and "base_model.<tuner attribute>"
-_TUNER_STATE = ("lambda_mlps.", "relu_l1_coef")  # keys of the tuner's own weights in an adapter saved before PEFT
+_TUNER_STATE = ("lambda_mlps.", "relu_l1_coef")
+DATA_PARALLEL_REFUSAL = (
+    "a MoLE model does not run under torch.nn.DataParallel (its replicas would keep the aux losses and routing "
+    "records to themselves): on several GPUs launch with torchrun or accelerate launch (DDP), or make one GPU "
+    "visible with CUDA_VISIBLE_DEVICES"
+)  # keys of the tuner's own weights in an adapter saved before PEFT
 
 
 def _layer_index(name: str) -> int | None:
@@ -89,8 +94,15 @@ def _loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | fl
     return count / max(items, 1)
 
 
-def _add_to_loss(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> None:
-    """Add the aux loss to the loss of ``outputs``, weighted by :func:`_loss_share`.
+def _has_labels(kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+
+
+def _add_to_loss(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """``outputs`` with the aux loss added to its loss, weighted by :func:`_loss_share`.
+
+    A ``ModelOutput`` gets it in ``loss``; the tuple of ``return_dict=False`` in its first element,
+    which transformers makes the loss when labels are given (a tuple is rebuilt, so use the return value).
 
     TRL's fused LM head (``add_fused_lm_head``, which TRL's trainers put on the model) returns a
     ``FusedCausalLMOutput`` whose ``log_probs`` the trainer turns into its loss,
@@ -98,11 +110,16 @@ def _add_to_loss(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> Non
     aux loss is also subtracted from every answer position's log-probability, which adds it to that
     loss with the same weight, ``answer tokens / n``, and keeps ``loss == -sum(log_probs) / n``.
     """
+    if isinstance(outputs, tuple):
+        if outputs and _has_labels(kwargs) and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
+            return (outputs[0] + aux * _loss_share(kwargs, aux), *outputs[1:])
+        return outputs
     if getattr(outputs, "loss", None) is not None:
         outputs.loss = outputs.loss + aux * _loss_share(kwargs, aux)
     log_probs, mask = getattr(outputs, "log_probs", None), getattr(outputs, "label_mask", None)
     if log_probs is not None and mask is not None:
         outputs.log_probs = log_probs - aux.to(log_probs.dtype) * mask
+    return outputs
 
 
 class MoLEModel(BaseTuner):
@@ -154,8 +171,7 @@ class MoLEModel(BaseTuner):
         self.stats = RoutingStats(q=config.q, threshold=config.threshold, eps=config.entropy_eps)
         self.stats_enabled = False
         self.last_aux_losses: dict[str, torch.Tensor] = {}
-        # When False, the aux total is left in ``pending_aux_loss`` for a trainer to add with its
-        # own scaling (the HF Trainer rescales the LM loss for token-averaging across devices).
+        # False only inside ``deferred_aux_loss()``: the aux total is then left in ``pending_aux_loss``.
         self.aux_in_loss = True
         self.pending_aux_loss: torch.Tensor | None = None
         self.lambda_mlps = nn.ModuleDict()
@@ -286,6 +302,8 @@ class MoLEModel(BaseTuner):
 
     # ---------------------------------------------------------------- forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_is_replica", False):  # set by torch.nn.parallel.replicate, i.e. DataParallel
+            raise DynmoleError(DATA_PARALLEL_REFUSAL)
         attention_mask = kwargs.get("attention_mask")
         want_aux = self.training and torch.is_grad_enabled()
         self.recorder.active = want_aux or self.stats_enabled
@@ -307,7 +325,7 @@ class MoLEModel(BaseTuner):
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]
             else:
-                _add_to_loss(outputs, losses["total"], kwargs)
+                outputs = _add_to_loss(outputs, losses["total"], kwargs)
         return outputs
 
     @torch.no_grad()
@@ -346,6 +364,18 @@ class MoLEModel(BaseTuner):
         runs the first forward without grad, which would cut the aux losses off the router."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @contextmanager
+    def deferred_aux_loss(self) -> Iterator[None]:
+        """Within this block a training forward leaves the aux total in ``pending_aux_loss`` instead
+        of adding it to the loss, for a trainer that adds it with its own scaling (``MoLETrainer``:
+        the HF Trainer rescales the LM loss after the forward). On leaving, forwards add it again and
+        the pending loss (and its autograd graph) is dropped: take it inside the block."""
+        previous, self.aux_in_loss = self.aux_in_loss, False
+        try:
+            yield
+        finally:
+            self.aux_in_loss, self.pending_aux_loss = previous, None
 
     # ---------------------------------------------------------------- statistics
     @contextmanager
@@ -387,6 +417,23 @@ def get_mole_model(model: nn.Module, config: MoLEConfig) -> PeftModel:
     return peft_model
 
 
+def require_adapter_files(directory: Path) -> None:
+    """Raise unless ``directory`` holds an adapter's config and its weights as safetensors. Weights
+    pickled by ``save_pretrained(..., safe_serialization=False)`` (``adapter_model.bin``) are refused
+    with how to re-save them: unpickling can run code, and dynmole loads weights from safetensors only."""
+    if not (directory / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{directory / CONFIG_NAME} not found: is {directory} a dynmole adapter folder?")
+    if (directory / WEIGHTS_NAME).is_file():
+        return
+    if (directory / WEIGHTS_NAME_PICKLED).is_file():
+        raise DynmoleError(
+            f"{directory} holds its weights pickled ({WEIGHTS_NAME_PICKLED}, saved with safe_serialization=False), "
+            f"which dynmole does not load (unpickling can run code); if you trust the file, re-save it as "
+            f"safetensors: peft.PeftModel.from_pretrained(base, '{directory}').save_pretrained(new_folder)"
+        )
+    raise FileNotFoundError(f"{directory / WEIGHTS_NAME} not found: is {directory} a dynmole adapter folder?")
+
+
 def load_mole_model(model: nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> PeftModel:
     """Adapt ``model`` with the adapter saved in ``adapter_dir``: ``peft.PeftModel.from_pretrained``,
     which this also lets read adapters saved before MoLE was a PEFT method (format_version 1 and 2;
@@ -395,9 +442,7 @@ def load_mole_model(model: nn.Module, adapter_dir: str | Path, is_trainable: boo
     The result is in eval mode with the adapter frozen (no dropout, no aux losses), as PEFT loads
     adapters; ``is_trainable=True`` to go on training it (then call ``.train()``)."""
     directory = Path(adapter_dir)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: is {directory} a dynmole adapter folder?")
+    require_adapter_files(directory)
     config = MoLEConfig.load(directory / CONFIG_NAME)
     try:
         return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)

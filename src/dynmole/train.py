@@ -18,12 +18,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator, answer_lm_loss, can_use_answer_logits
-from .config import METHODS, MoLEConfig, is_dynmole_adapter_config
+from .config import METHODS, MoLEConfig, check_field_types, is_dynmole_adapter_config
 from .data.example import Example
 from .data.tokenize import AnswerCollator, encode_example
 from .errors import DynmoleError
 from .layers import MoLELinear
-from .model import find_mole, get_mole_model
+from .model import DATA_PARALLEL_REFUSAL, find_mole, get_mole_model
 from .outputs import finished_checkpoint, resume_checkpoint, start_run
 
 PEFT_METHODS = ("lora", "dora")
@@ -83,6 +83,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Raise :class:`DynmoleError` naming the first bad field, before any model or data is loaded."""
+        check_field_types(self)
         for name in ("batch_size", "grad_accum", "cutoff_len", "logging_steps", "routing_probe_size"):
             if getattr(self, name) < 1:
                 raise DynmoleError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -93,6 +94,8 @@ class TrainConfig:
             raise DynmoleError(f"max_steps must be >= 1, or -1 to train for `epochs`, got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:
             raise DynmoleError(f"epochs must be > 0 (or set max_steps), got {self.epochs}")
+        if not 0.0 <= self.warmup_ratio < 1.0:  # transformers reads a warmup_steps >= 1 as a step count
+            raise DynmoleError(f"warmup_ratio must be in [0, 1) (a share of the training steps), got {self.warmup_ratio}")
         if self.router_lr_scale <= 0:
             raise DynmoleError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
         if self.precision not in PRECISIONS:
@@ -153,12 +156,11 @@ class MoLETrainer(Trainer):
 
     def __init__(self, *args: Any, router_lr_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1 and find_mole(self.model) is not None:  # the Trainer would wrap it in DataParallel
+            raise DynmoleError(DATA_PARALLEL_REFUSAL)
         self.router_lr_scale = router_lr_scale
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._aux_steps = 0
-        mole = find_mole(self.model)
-        if mole is not None:
-            mole.aux_in_loss = False
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, with the routers in groups of their own at ``router_lr_scale``
@@ -170,15 +172,14 @@ class MoLETrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
-        positions = inputs.pop(ANSWER_SPAN_KEY, None)  # from AnswerSpanCollator (answer_logits_only)
-        if positions is not None and can_use_answer_logits(self, model, inputs):
-            result = answer_lm_loss(self, model, inputs, positions, return_outputs, num_items_in_batch)
-        else:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mole = find_mole(model)
-        if mole is None or mole.pending_aux_loss is None:
+        if mole is None:
+            return self._lm_loss(model, inputs, return_outputs, num_items_in_batch)
+        with mole.deferred_aux_loss():
+            result = self._lm_loss(model, inputs, return_outputs, num_items_in_batch)
+            aux = mole.pending_aux_loss
+        if aux is None:
             return result
-        aux, mole.pending_aux_loss = mole.pending_aux_loss, None
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             aux = aux / self.current_gradient_accumulation_steps  # the Trainer won't divide this loss
         for name, value in mole.last_aux_losses.items():
@@ -188,6 +189,13 @@ class MoLETrainer(Trainer):
             loss, outputs = result
             return loss + aux, outputs
         return result + aux
+
+    def _lm_loss(self, model, inputs, return_outputs, num_items_in_batch):  # noqa: ANN001
+        """The Trainer's loss, on the answer positions only when the batch says where they are."""
+        positions = inputs.pop(ANSWER_SPAN_KEY, None)  # from AnswerSpanCollator (answer_logits_only)
+        if positions is not None and can_use_answer_logits(self, model, inputs):
+            return answer_lm_loss(self, model, inputs, positions, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._aux_steps:
@@ -344,7 +352,7 @@ def train(
         learning_rate=config.lr,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
-        warmup_steps=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # below 1: a share of the steps (transformers' warmup_ratio is deprecated)
         weight_decay=config.weight_decay,
         lr_scheduler_type="linear",
         logging_steps=config.logging_steps,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from ..numerics import upcast
 from torch import nn
 from torch.nn import functional as F
+
+from ..numerics import linear_upcast, no_autocast, upcast
 
 # The reference maps the MLP output through logsigmoid(.) + (1 - 1e-2), so lambda < 0.99.
 LAMBDA_CEILING = 1.0 - 1e-2
@@ -61,7 +61,9 @@ def sparsity_lower_bound(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 class LambdaMLP(nn.Module):
     """Predicts the Sparsegen lambda per token: ``Linear(d, h) -> ReLU -> Linear(h, 1)``, then
-    ``logsigmoid(.) + (1 - 1e-2)`` so that ``lambda < 1`` (LD-MoLE). Runs in fp32.
+    ``logsigmoid(.) + (1 - 1e-2)`` so that ``lambda < 1`` (LD-MoLE). Runs in fp32 whatever the
+    dtype of its weights (a model cast to bf16/fp16) and under autocast: near the 0.99 ceiling a
+    bf16 lambda would move ``1 - lambda`` by up to 30 %.
 
     ``bias_init``: a constant for both layers' biases (the LD-MoLE reference code uses -2.5,
     which starts lambda near ``logsigmoid(-2.5) + 0.99 = -1.6``: dense routing); None keeps
@@ -79,9 +81,11 @@ class LambdaMLP(nn.Module):
             nn.init.constant_(self.fc2.bias, bias_init)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc1(hidden_states.float()))
+        """lambda ``(..., 1)``, fp32, for the router input ``hidden_states``."""
+        return self.head(linear_upcast(hidden_states, self.fc1))
 
     def head(self, pre_activation: torch.Tensor) -> torch.Tensor:
-        """lambda from ``fc1``'s output: what follows the first layer. ``MoLELinear`` computes
-        ``fc1`` in the router's matmul (``gate_features``) and the gate function calls this."""
-        return F.logsigmoid(self.fc2(F.relu(pre_activation))) + LAMBDA_CEILING
+        """lambda from ``fc1``'s output: what follows the first layer, in fp32. ``MoLELinear``
+        computes ``fc1`` in the router's matmul (``gate_features``) and the gate function calls this."""
+        with no_autocast(pre_activation.device.type):
+            return F.logsigmoid(linear_upcast(F.relu(upcast(pre_activation)), self.fc2)) + LAMBDA_CEILING
