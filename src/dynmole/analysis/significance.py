@@ -15,7 +15,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -108,7 +108,7 @@ class McNemar:
 
 
 @dataclass(frozen=True)
-class PairedComparison:
+class Comparison:
     """Variant ``a`` against ``b`` on one metric: on the task average and per task."""
 
     a: str
@@ -119,14 +119,21 @@ class PairedComparison:
     resamples: int
     average: PairedDifference
     tasks: dict[str, PairedDifference]
+
+    def verdict(self, alpha: float = ALPHA) -> str:
+        return verdict(self.average, self.a, self.b, alpha)
+
+
+@dataclass(frozen=True)
+class PairedComparison(Comparison):
+    """The fixed-model test (:func:`paired_comparison`): the trained models held fixed, examples
+    resampled; with the exact McNemar test beside it."""
+
     mcnemar: McNemar
     seed_pairs: tuple[float, ...] = ()
     """A's minus B's task-averaged accuracy for each seed pair (A's i-th run against B's i-th, as
     McNemar pairs them): whether the pooled difference holds seed by seed. The bootstrap treats the
     trained models as fixed, so these are the only view of training-seed variation in the test."""
-
-    def verdict(self, alpha: float = ALPHA) -> str:
-        return verdict(self.average, self.a, self.b, alpha)
 
 
 def direction(result: PairedDifference, alpha: float = ALPHA) -> int:
@@ -158,7 +165,7 @@ def holm_adjusted(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def claim_verdict(comparisons: Sequence[PairedComparison], alpha: float = ALPHA) -> str:
+def claim_verdict(comparisons: Sequence[Comparison], alpha: float = ALPHA) -> str:
     """One claim's verdict ("A beats B") over its metrics, each decided by its paired test at
     ``alpha``: supported where A > B on every metric, contradicted where B > A on every metric,
     "supported on <metrics> only" or "contradicted on <metrics> only" where the other metrics detect
@@ -231,18 +238,25 @@ def wilson_interval(correct: float, n: int, confidence: float = CONFIDENCE) -> t
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of ``resamples`` bootstrap resamples of ``values`` (as many examples as there are,
-    drawn with replacement)."""
-    n = len(values)
+def _resample_examples(n: int, resamples: int, rng: np.random.Generator,
+                       statistic: Callable[[slice, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``resamples`` bootstrap draws over ``n`` examples: for the resamples ``rows`` of each chunk,
+    ``statistic(rows, indices)`` with ``indices`` the ``len(rows) x n`` example indices drawn with
+    replacement (chunks bound the memory of a large task)."""
     if n == 0:
         raise ValueError("a bootstrap needs at least one example")
     chunk = max(1, _DRAWS_PER_CHUNK // n)
-    means = np.empty(resamples)
+    draws = np.empty(resamples)
     for start in range(0, resamples, chunk):
         stop = min(start + chunk, resamples)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    return means
+        draws[start:stop] = statistic(slice(start, stop), rng.integers(0, n, size=(stop - start, n)))
+    return draws
+
+
+def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``resamples`` bootstrap resamples of ``values`` (as many examples as there are,
+    drawn with replacement)."""
+    return _resample_examples(len(values), resamples, rng, lambda _, indices: values[indices].mean(axis=1))
 
 
 def stratified_bootstrap(values_by_task: Mapping[str, np.ndarray], resamples: int = RESAMPLES,
@@ -368,21 +382,9 @@ def paired_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Prediction
 
 # ------------------------------------------------------------------------------- seeds resampled too
 @dataclass(frozen=True)
-class HierarchicalComparison:
-    """Variant ``a`` against ``b`` on one metric with the training seeds resampled as well as the
-    examples (:func:`hierarchical_comparison`): on the task average and per task."""
-
-    a: str
-    b: str
-    metric: str
-    seeds_a: int
-    seeds_b: int
-    resamples: int
-    average: PairedDifference
-    tasks: dict[str, PairedDifference]
-
-    def verdict(self, alpha: float = ALPHA) -> str:
-        return verdict(self.average, self.a, self.b, alpha)
+class HierarchicalComparison(Comparison):
+    """The seed-aware test (:func:`hierarchical_comparison`): training seeds resampled as well as
+    the examples."""
 
 
 def _seed_weights(runs: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
@@ -409,21 +411,16 @@ def hierarchical_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarr
     seeds_rng = np.random.default_rng([seed, zlib.crc32(b"training seeds")])
     weights_a = _seed_weights(len(a[tasks[0]]), resamples, seeds_rng)
     weights_b = _seed_weights(len(b[tasks[0]]), resamples, seeds_rng)
-    out = {}
-    for task in tasks:
+
+    def draws(task: str) -> np.ndarray:
+        def statistic(rows: slice, indices: np.ndarray) -> np.ndarray:
+            per_example = weights_a[rows] @ a[task] - weights_b[rows] @ b[task]
+            return np.take_along_axis(per_example, indices, axis=1).mean(axis=1)
+
         rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-        n = a[task].shape[1]
-        if n == 0:
-            raise ValueError("a bootstrap needs at least one example")
-        chunk = max(1, _DRAWS_PER_CHUNK // n)
-        draws = np.empty(resamples)
-        for start in range(0, resamples, chunk):
-            stop = min(start + chunk, resamples)
-            indices = rng.integers(0, n, size=(stop - start, n))
-            per_example = weights_a[start:stop] @ a[task] - weights_b[start:stop] @ b[task]
-            draws[start:stop] = np.take_along_axis(per_example, indices, axis=1).mean(axis=1)
-        out[task] = draws
-    return out
+        return _resample_examples(a[task].shape[1], resamples, rng, statistic)
+
+    return {task: draws(task) for task in tasks}
 
 
 def hierarchical_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Predictions], metric: str,
