@@ -15,7 +15,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -87,6 +87,15 @@ class PairedDifference:
             return None
         return math.ceil(self.examples * (self.detectable(power, alpha) / self.difference) ** 2)
 
+    def examples_needed(self, power: float = POWER, alpha: float = ALPHA) -> int | None:
+        """:meth:`examples_to_detect`, but only where the observed difference exceeds twice its
+        standard error; None otherwise (a smaller gap is within its own noise, and extrapolating
+        from it, as ``(z_{1-alpha/2} + z_power)^2 (SE / gap)^2`` does, gives numbers that mean
+        nothing)."""
+        if abs(self.difference) <= 2 * self.standard_error:
+            return None
+        return self.examples_to_detect(power, alpha)
+
 
 @dataclass(frozen=True)
 class McNemar:
@@ -99,7 +108,7 @@ class McNemar:
 
 
 @dataclass(frozen=True)
-class PairedComparison:
+class Comparison:
     """Variant ``a`` against ``b`` on one metric: on the task average and per task."""
 
     a: str
@@ -110,14 +119,21 @@ class PairedComparison:
     resamples: int
     average: PairedDifference
     tasks: dict[str, PairedDifference]
+
+    def verdict(self, alpha: float = ALPHA) -> str:
+        return verdict(self.average, self.a, self.b, alpha)
+
+
+@dataclass(frozen=True)
+class PairedComparison(Comparison):
+    """The fixed-model test (:func:`paired_comparison`): the trained models held fixed, examples
+    resampled; with the exact McNemar test beside it."""
+
     mcnemar: McNemar
     seed_pairs: tuple[float, ...] = ()
     """A's minus B's task-averaged accuracy for each seed pair (A's i-th run against B's i-th, as
     McNemar pairs them): whether the pooled difference holds seed by seed. The bootstrap treats the
     trained models as fixed, so these are the only view of training-seed variation in the test."""
-
-    def verdict(self, alpha: float = ALPHA) -> str:
-        return verdict(self.average, self.a, self.b, alpha)
 
 
 def direction(result: PairedDifference, alpha: float = ALPHA) -> int:
@@ -149,7 +165,7 @@ def holm_adjusted(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def claim_verdict(comparisons: Sequence[PairedComparison], alpha: float = ALPHA) -> str:
+def claim_verdict(comparisons: Sequence[Comparison], alpha: float = ALPHA) -> str:
     """One claim's verdict ("A beats B") over its metrics, each decided by its paired test at
     ``alpha``: supported where A > B on every metric, contradicted where B > A on every metric,
     "supported on <metrics> only" or "contradicted on <metrics> only" where the other metrics detect
@@ -222,18 +238,25 @@ def wilson_interval(correct: float, n: int, confidence: float = CONFIDENCE) -> t
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of ``resamples`` bootstrap resamples of ``values`` (as many examples as there are,
-    drawn with replacement)."""
-    n = len(values)
+def _resample_examples(n: int, resamples: int, rng: np.random.Generator,
+                       statistic: Callable[[slice, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``resamples`` bootstrap draws over ``n`` examples: for the resamples ``rows`` of each chunk,
+    ``statistic(rows, indices)`` with ``indices`` the ``len(rows) x n`` example indices drawn with
+    replacement (chunks bound the memory of a large task)."""
     if n == 0:
         raise ValueError("a bootstrap needs at least one example")
     chunk = max(1, _DRAWS_PER_CHUNK // n)
-    means = np.empty(resamples)
+    draws = np.empty(resamples)
     for start in range(0, resamples, chunk):
         stop = min(start + chunk, resamples)
-        means[start:stop] = values[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    return means
+        draws[start:stop] = statistic(slice(start, stop), rng.integers(0, n, size=(stop - start, n)))
+    return draws
+
+
+def bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """Means of ``resamples`` bootstrap resamples of ``values`` (as many examples as there are,
+    drawn with replacement)."""
+    return _resample_examples(len(values), resamples, rng, lambda _, indices: values[indices].mean(axis=1))
 
 
 def stratified_bootstrap(values_by_task: Mapping[str, np.ndarray], resamples: int = RESAMPLES,
@@ -355,3 +378,70 @@ def paired_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Prediction
     return PairedComparison(names[0], names[1], metric, len(a_runs), len(b_runs), resamples,
                             _paired_difference(observed, _task_average(draws), examples, confidence), tasks, mcnemar,
                             seed_pairs)
+
+
+# ------------------------------------------------------------------------------- seeds resampled too
+@dataclass(frozen=True)
+class HierarchicalComparison(Comparison):
+    """The seed-aware test (:func:`hierarchical_comparison`): training seeds resampled as well as
+    the examples."""
+
+
+def _seed_weights(runs: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``resamples x runs``: the share of each run among ``runs`` runs drawn with replacement."""
+    drawn = rng.integers(0, runs, size=(resamples, runs))
+    return (drawn[:, :, None] == np.arange(runs)).sum(axis=1) / runs
+
+
+def hierarchical_bootstrap(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES,
+                           seed: int = SEED) -> dict[str, np.ndarray]:
+    """Per task, bootstrap draws of A's accuracy minus B's, seeds and examples resampled.
+
+    ``a[task]`` and ``b[task]`` are ``runs x examples`` 0/1 matrices over the same examples (the
+    runs of a variant are its training seeds). Resample ``r``: draw A's runs and B's runs with
+    replacement, each variant on its own (run weights ``w^A_r``, ``w^B_r``: the share of each run
+    among the draws), the same draws for every task (a run is one trained model); then draw the
+    task's examples with replacement, the same for A and B (indices ``i_1..i_n``), as the fixed-model
+    bootstrap does, from the same generator per task; the draw is
+    ``(1/n) sum_k (w^A_r . a[:, i_k] - w^B_r . b[:, i_k])``. With one run of each (or runs that agree
+    on every example) these are exactly the draws of :func:`stratified_bootstrap` of the per-example
+    differences.
+    """
+    tasks = list(a)
+    seeds_rng = np.random.default_rng([seed, zlib.crc32(b"training seeds")])
+    weights_a = _seed_weights(len(a[tasks[0]]), resamples, seeds_rng)
+    weights_b = _seed_weights(len(b[tasks[0]]), resamples, seeds_rng)
+
+    def draws(task: str) -> np.ndarray:
+        def statistic(rows: slice, indices: np.ndarray) -> np.ndarray:
+            per_example = weights_a[rows] @ a[task] - weights_b[rows] @ b[task]
+            return np.take_along_axis(per_example, indices, axis=1).mean(axis=1)
+
+        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+        return _resample_examples(a[task].shape[1], resamples, rng, statistic)
+
+    return {task: draws(task) for task in tasks}
+
+
+def hierarchical_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Predictions], metric: str,
+                            names: tuple[str, str] = ("A", "B"), confidence: float = CONFIDENCE,
+                            resamples: int = RESAMPLES, seed: int = SEED) -> HierarchicalComparison:
+    """Variant A (its runs, one per training seed, each a ``predictions.json`` as
+    :meth:`dynmole.analysis.RunRecord.predictions` reads it) against B, seeds and examples resampled.
+
+    Statistic: as :func:`paired_comparison` (A's task-averaged accuracy minus B's, each example's
+    correctness averaged over the variant's seeds). Interval and p-value: the percentile interval
+    and the two-sided p-value (:func:`bootstrap_p_value`) of :func:`hierarchical_bootstrap`, stratified
+    by task; the same per task. The interval covers what another draw of training seeds would
+    change as well as another draw of examples; the fixed-model test (:func:`paired_comparison`)
+    holds the trained models fixed. Raises ValueError unless both evaluated the same ids.
+    """
+    a, b = _aligned(a_runs, b_runs, metric, names)
+    draws = hierarchical_bootstrap(a, b, resamples, seed)
+    differences = {task: a[task].mean(axis=0) - b[task].mean(axis=0) for task in a}
+    tasks = {task: _paired_difference(float(d.mean()), draws[task], len(d), confidence)
+             for task, d in differences.items()}
+    observed = float(np.mean([t.difference for t in tasks.values()]))
+    examples = sum(t.examples for t in tasks.values())
+    return HierarchicalComparison(names[0], names[1], metric, len(a_runs), len(b_runs), resamples,
+                                  _paired_difference(observed, _task_average(draws), examples, confidence), tasks)

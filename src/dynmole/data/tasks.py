@@ -46,6 +46,8 @@ class TaskSpec:
         hub_path, hub_name: ``datasets.load_dataset`` arguments for ``source="hub"``.
         hub_eval_split: the hub split used as the eval split (the train split is ``"train"``).
         id_field: row field holding a native id, or ``None`` to use the row index.
+        source: prompt -> the part naming the item's source (BoolQ's passage, RTE's premise),
+            or ``None``: the leak-free split keeps items of one source on one side.
     """
 
     name: str
@@ -57,6 +59,7 @@ class TaskSpec:
     hub_name: str | None
     hub_eval_split: str
     id_field: str | None = None
+    source: Callable[[str], str] | None = None
 
     def example(self, row: Row, source_split: str, index: int) -> Example:
         """Build the ``Example`` for ``row``, the ``index``-th row of ``source_split``."""
@@ -88,6 +91,11 @@ def _lettered_choices(question_field: str) -> Callable[[Row], Converted]:
         )
 
     return convert
+
+
+def _before_question(prompt: str) -> str:
+    """The text before ``\nQuestion: `` (BoolQ's passage, RTE's premise)."""
+    return prompt.split("\nQuestion: ", 1)[0]
 
 
 def _boolq(row: Row) -> Converted:
@@ -179,6 +187,7 @@ TASKS: dict[str, TaskSpec] = {
             hub_name=None,
             hub_eval_split="validation",
             id_field=None,
+            source=_before_question,
         ),
         TaskSpec(
             name="piqa",
@@ -234,6 +243,7 @@ TASKS: dict[str, TaskSpec] = {
             hub_name="rte",
             hub_eval_split="validation",
             id_field="idx",
+            source=_before_question,
         ),
     )
 }
