@@ -7,6 +7,8 @@ import torch
 
 import dynmole
 from dynmole import cli
+from dynmole.adapters import is_peft_adapter
+from dynmole.experiments import commands
 from dynmole.errors import DynmoleError
 from dynmole.model import find_mole, get_mole_model
 
@@ -174,17 +176,17 @@ def test_adapter_kind_comes_from_the_parsed_config(tiny_llama, tiny_tokenizer, t
     folder = tmp_path / "peft_type_model"  # a base-model path holding the text "peft_type"
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    model, _ = cli._load_for_inference(str(folder), None, False)
+    model, _ = commands.load_for_inference(str(folder), None, False)
     adapter = tmp_path / "adapter"
     get_mole_model(model, dynmole.MoLEConfig(r=2, num_experts=2)).save_pretrained(adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert "peft_type" in config["base_model_name_or_path"]
-    assert find_mole(cli._load_for_inference(str(folder), str(adapter), False)[0]) is not None
-    assert not cli._is_peft_adapter(adapter)  # ours, whatever PEFT fields it carries
+    assert find_mole(commands.load_for_inference(str(folder), str(adapter), False)[0]) is not None
+    assert not is_peft_adapter(adapter)  # ours, whatever PEFT fields it carries
     from peft import LoraConfig, PeftModel, get_peft_model
 
     lora = tmp_path / "lora"
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora)
-    assert cli._is_peft_adapter(lora)
-    loaded = cli._load_for_inference(str(folder), str(lora), False)[0]
+    assert is_peft_adapter(lora)
+    loaded = commands.load_for_inference(str(folder), str(lora), False)[0]
     assert isinstance(loaded, PeftModel) and find_mole(loaded) is None

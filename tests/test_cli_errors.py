@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-import dynmole.evaluate
+import dynmole.evaluation.engines
 import dynmole.pretrained
 from dynmole import cli
+from dynmole.experiments import commands
 from dynmole.errors import DynmoleError
 
 ROW = {"id": "q0", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
@@ -81,7 +82,7 @@ def test_skip_invalid_skips_a_row_that_is_not_utf8(tmp_path):
 @pytest.fixture
 def toy_eval(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
     """``dynmole eval`` arguments on a toy data file, the model a tiny random Llama."""
-    monkeypatch.setattr(cli, "_load_for_inference", lambda *args: (tiny_llama(), tiny_tokenizer))
+    monkeypatch.setattr(commands, "load_for_inference", lambda *args: (tiny_llama(), tiny_tokenizer))
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({**ROW, "id": f"q{i}"}) + "\n" for i in range(4)))
     return ["eval", "--source", str(data), "--eval-source", str(data), "--tasks", "toy"]
@@ -91,7 +92,7 @@ def _fail_with(monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(dynmole.evaluate, "score_choices", fail)
+    monkeypatch.setattr(dynmole.evaluation.engines, "score_choices", fail)
 
 
 def test_out_of_memory_names_the_knobs(toy_eval, monkeypatch, capsys):

@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     import conftest
     from test_train import _examples
     from dynmole import MoLEConfig
-    from dynmole.train import TrainConfig, adapt_model, train
+    from dynmole.adapters import adapt_model
+    from dynmole.training.config import TrainConfig
+    from dynmole.training.trainer import train
 
     output_dir, batch = sys.argv[1], int(sys.argv[2])
     model = conftest.tiny_llama.__wrapped__()(seed=0)

@@ -7,8 +7,8 @@ import torch
 
 from dynmole import MoLEConfig, cli, get_mole_model
 from dynmole.data import Example, load_examples
-from dynmole.evaluate import accuracy, predictions, score_choices
-from dynmole.harness import write_harness_task
+from dynmole.evaluation import accuracy, predictions, score_choices
+from dynmole.evaluation.harness import write_harness_task
 
 # answers of different lengths, so that acc and acc_norm can disagree
 ROWS = [
@@ -73,7 +73,7 @@ def test_documented_python_route_scores_a_mole_model_like_dynmole_eval(tmp_path,
 
 
 def test_cli_harness_equals_cli_eval_for_a_peft_lora_adapter(tmp_path, tiny_llama, tiny_tokenizer, capsys):
-    from dynmole.train import adapt_model
+    from dynmole.adapters import adapt_model
 
     base = tiny_llama(seed=0)
     base.save_pretrained(tmp_path / "model")

@@ -6,9 +6,12 @@ import torch
 
 from dynmole import MoLEConfig
 from dynmole.data import Example
-from dynmole.outputs import trim_logs
-from dynmole.routing_probe import PROBE_LOG_NAME, probe_set, summarize_probe
-from dynmole.train import TrainConfig, adapt_model, router_parameters, scale_parameter_groups, train
+from dynmole.training.runs import trim_logs
+from dynmole.training.probe import probe_set, summarize_probe
+from dynmole.training.runs import PROBE_LOG_NAME
+from dynmole.adapters import adapt_model
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import router_parameters, scale_parameter_groups, train
 
 
 def _examples(n=16, task="toy"):

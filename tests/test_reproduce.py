@@ -4,9 +4,9 @@ import re
 import pytest
 import torch
 
-from dynmole import reproduce
+from dynmole.experiments import grid, reproduce
 from dynmole.data import Example
-from dynmole.reproduce_profiles import PROFILES, VARIANTS
+from dynmole.experiments.profiles import PROFILES, VARIANTS
 
 FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot"),
          ("water is", " wet", " dry")]
@@ -212,7 +212,7 @@ def _trainable_on_smollm2_shape(method, fields):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dynmole import MoLEConfig
-    from dynmole.train import adapt_model
+    from dynmole.adapters import adapt_model
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
@@ -239,7 +239,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, toy_inputs, capsy
     argv = ["--profile", "tiny", "--methods", "dynmole", "--seeds", "0", "--output-dir", str(tmp_path),
             "--set", "save_steps=1", "--set", "eval_base=false"]
     failing = {"left": 1}
-    evaluate = reproduce._evaluate
+    evaluate = grid.evaluate_model
 
     def crash_once(*args, **kwargs):
         if failing["left"]:
@@ -247,7 +247,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, toy_inputs, capsy
             raise RuntimeError("killed after training")
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(reproduce, "_evaluate", crash_once)
+    monkeypatch.setattr(grid, "evaluate_model", crash_once)
     assert reproduce.main(argv, inputs=toy_inputs) == 1
     run = tmp_path / "runs/dynmole/seed0"
     assert (run / "checkpoint-3" / "trainer_state.json").is_file() and not (run / "result.json").exists()

@@ -6,7 +6,7 @@ import pytest
 
 from dynmole.analysis import RunRecord, group_by_variant
 from dynmole.analysis.tables import comparison_table
-from dynmole.reproduce_profiles import VARIANTS
+from dynmole.experiments.profiles import VARIANTS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RUNS = DOCS / "results" / "mini" / "runs"

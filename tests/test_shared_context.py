@@ -6,8 +6,8 @@ import torch
 
 from dynmole import MoLEConfig, get_mole_model
 from dynmole.data import Example
-from dynmole.evaluate import score_choices
-from dynmole.train import adapt_model
+from dynmole.evaluation import score_choices
+from dynmole.adapters import adapt_model
 
 EXAMPLES = [
     Example("s/0", "s", "question : which bird flies ? answer :", (" the blue bird", " a fish", " the cat runs", " ice"), 0),

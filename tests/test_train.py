@@ -9,7 +9,9 @@ from dynmole.data import Example
 from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
 from dynmole.model import find_mole
 from dynmole.errors import DynmoleError
-from dynmole.train import TrainConfig, adapt_model, check_resume_settings, train
+from dynmole.adapters import adapt_model
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import check_resume_settings, train
 
 
 def _examples(n=16):
@@ -174,7 +176,7 @@ def _one_step_gradients(tiny_llama, tiny_tokenizer, tmp_path, plain: bool, examp
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from dynmole.train import MoLETrainer, _collator
+    from dynmole.training.trainer import MoLETrainer, _collator
 
     torch.manual_seed(0)
     model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8, dropout=0.0))
@@ -230,7 +232,7 @@ def _sentencepiece_like_tokenizer():
 def test_answer_tokens_come_from_the_whole_text(prompt):
     """Training features and evaluation requests take the answer's tokens from ``prompt + answer``
     tokenised as one text: no stray word-start token, the same tokens in both, BOS once in front."""
-    from dynmole.evaluate import _requests
+    from dynmole.evaluation.requests import _requests
 
     tokenizer = _sentencepiece_like_tokenizer()
     example = Example("t/0", "t", prompt, ("blue" if prompt.endswith(" ") else " blue", " fire hot"), 0)
@@ -255,7 +257,7 @@ def test_answer_tokens_come_from_the_whole_text(prompt):
 def test_word_level_features_are_unchanged(tiny_tokenizer):
     """For a tokenizer that splits at whitespace the features are those of the prompt and the answer
     tokenised apart (as before); so are the evaluation requests."""
-    from dynmole.evaluate import _requests
+    from dynmole.evaluation.requests import _requests
 
     examples = [*_examples(4), Example("t/e", "t", "", (" yes",), 0), Example("t/s", "t", "the sky is ", ("blue",), 0),
                 Example("t/m", "t", "what is the sun ? answer :", (" the sun is hot .", " cold"), 0)]

@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from dynmole import MoLEConfig, get_mole_model
 from dynmole.data.tokenize import encode_example
 from dynmole.model import find_mole
-from dynmole.train import MoLETrainer, _collator
+from dynmole.training.trainer import MoLETrainer, _collator
 from test_train import _examples
 
 trl = pytest.importorskip("trl", reason="the trl extra: pip install 'dynmole[trl]'")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .report import paired_tests_markdown
-from .runs import RESULT_NAME, RunRecord, group_by_variant
+from ..training.runs import RESULT_NAME
+from .runs import RunRecord, group_by_variant
 
 
 def main(argv: Sequence[str] | None = None) -> int:

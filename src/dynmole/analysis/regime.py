@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 from ..io import atomic_write
 from .plots import plot_by_layer, plot_curves
-from .runs import PROBE_LOG_NAME, RESULT_NAME, RunRecord, layer_index
+from ..training.runs import PROBE_LOG_NAME, RESULT_NAME
+from .runs import RunRecord, layer_index
 
 MOST = 0.5
 """``probe_layers_below`` at or above this: most modules route a majority of tokens sparsely."""

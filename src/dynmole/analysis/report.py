@@ -6,8 +6,9 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Mapping, Sequence
 
-from ..evaluate import metric_heading
+from ..evaluation.report import metric_heading
 from ..io import atomic_write
+from ..training.runs import RESULTS_MD_NAME
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
 from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
@@ -166,7 +167,7 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
                     if times else "")
     text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time_section
             + f"## Figures\n\n{figures}\n")
-    return [_write_text(directory / "results.md", text), *plots]
+    return [_write_text(directory / RESULTS_MD_NAME, text), *plots]
 
 
 def ablation_report(points: Mapping[float, Sequence[RunRecord]], directory: str | Path, name: str, xlabel: str,

@@ -13,11 +13,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..config import MoLEConfig
 from ..data import scoring_protocol
 from ..io import atomic_write
+from ..training.runs import LOG_NAME, PREDICTIONS_NAME, PROBE_LOG_NAME, RESULT_NAME
 
-RESULT_NAME = "result.json"
-LOG_NAME = "log.jsonl"
-PROBE_LOG_NAME = "routing_probe.jsonl"
-PREDICTIONS_NAME = "predictions.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..job import ALL_TASKS
+from ..data import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
 from .significance import (Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals,
                            claim_verdict, holm_adjusted)

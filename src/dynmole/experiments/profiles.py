@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .job import ALL_TASKS
+from ..data import ALL_TASKS
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Variant:
     Attributes:
         key: folder name and ``--methods`` name.
         name: the row label, as the papers write it.
-        method: a ``dynmole.train.ALL_METHODS`` name.
+        method: a ``dynmole.adapters.ALL_METHODS`` name.
         overrides: ``MoLEConfig`` fields that define the variant; they win over profile and
             ``--set`` values, so a row always means what its name says.
     """
@@ -210,7 +210,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "tiny",
             "For tests: a few steps on a handful of examples with 4 experts of rank 2; pass a tiny "
-            "model through dynmole.reproduce.main(..., inputs=...).",
+            "model through dynmole.experiments.reproduce.main(..., inputs=...).",
             {"tasks": ["arc_e", "boolq"], "train_limit": 8, "eval_limit": 8, "eval_batch_size": 16, "num_experts": 4,
              "r": 2, "alpha": 4.0, "dropout": 0.0, "lambda_hidden": 8, "lr": 1e-2, "warmup_ratio": 0.0,
              "max_steps": 3, "batch_size": 4, "cutoff_len": 64, "logging_steps": 1, "report_to": "none"},
