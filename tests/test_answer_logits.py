@@ -8,6 +8,9 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from dynmole import MoLEConfig
+from dynmole.adapters import adapt_model
+from dynmole.data import Example
+from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
 from dynmole.training.answer_logits import (
     ANSWER_SPAN_KEY,
     AnswerSpanCollator,
@@ -15,9 +18,6 @@ from dynmole.training.answer_logits import (
     answer_positions,
     logits_to_keep,
 )
-from dynmole.data import Example
-from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
-from dynmole.adapters import adapt_model
 from dynmole.training.config import TrainConfig
 from dynmole.training.trainer import MoLETrainer, train
 

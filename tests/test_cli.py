@@ -8,8 +8,8 @@ import torch
 import dynmole
 from dynmole import cli
 from dynmole.adapters import is_peft_adapter
-from dynmole.experiments import commands
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands
 from dynmole.model import find_mole, get_mole_model
 
 
@@ -64,7 +64,8 @@ def test_config_file_equals_command_line(tmp_path):
     yaml_file.write_text("method: mola\ntop_k: 2\nnum_experts: 2-4-6-8\ntasks: [arc_e, boolq]\nlr: 0.001\n")
     from_file = cli.job_configs(["train", "--config", str(yaml_file)])
     from_flags = cli.job_configs(
-        ["train", "--method", "mola", "--top-k", "2", "--num-experts", "2-4-6-8", "--tasks", "arc_e,boolq", "--lr", "0.001"]
+        ["train", "--method", "mola", "--top-k", "2", "--num-experts", "2-4-6-8", "--tasks", "arc_e,boolq",
+         "--lr", "0.001"]
     )
     assert from_file == from_flags
     job, train, mole = from_file

@@ -10,8 +10,8 @@ import torch
 import dynmole.evaluation.engines
 import dynmole.pretrained
 from dynmole import cli
-from dynmole.experiments import commands
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands
 
 ROW = {"id": "q0", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
        "task": "toy"}
@@ -59,7 +59,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
         (["eval", "--eval-batch-size", "0"], "eval_batch_size must be >= 1, got 0"),
         (["eval", "--tasks", "arc_x"], "unknown task 'arc_x'; known tasks: arc_e"),
         ([*train, "--source", str(tmp_path / "empty.jsonl")], f"{tmp_path / 'empty.jsonl'}: the file is empty"),
-        ([*train, "--source", str(tmp_path / "folder.jsonl")], f"{tmp_path / 'folder.jsonl'}: is a folder, not a data"),
+        ([*train, "--source", str(tmp_path / "folder.jsonl")],
+         f"{tmp_path / 'folder.jsonl'}: is a folder, not a data"),
         ([*train, "--source", str(tmp_path / "absent.jsonl")], f"{tmp_path / 'absent.jsonl'}: no such file"),
         ([*train, "--source", str(tmp_path / "latin1.jsonl")],
          f"{tmp_path / 'latin1.jsonl'}: row 2: not UTF-8 text (byte 0xe9 at byte 12 of the line)"),

@@ -245,7 +245,8 @@ def test_label_training_features_are_the_evaluated_prompt_and_the_gold_label(tok
         assert features["input_ids"][-len(gold) - 1:] == gold + [tokenizer.eos_token_id]
         (context,) = {tuple(request.context) for request in _requests(tokenizer, [example], "label")}
         prompt = features["input_ids"][: len(features["input_ids"]) - len(gold) - 1]
-        assert tuple(prompt) == context and features["labels"] == [IGNORE_INDEX] * len(prompt) + gold + [tokenizer.eos_token_id]
+        assert tuple(prompt) == context
+        assert features["labels"] == [IGNORE_INDEX] * len(prompt) + gold + [tokenizer.eos_token_id]
 
 
 def test_choices_is_the_old_name_of_cloze(model, tokenizer, examples):
@@ -262,7 +263,8 @@ def test_long_prompts_are_cut_as_training_cuts_them_and_counted(model, tokenizer
     words = ("the sky is blue . " * 200 + "Question : what is hot ? Answer :").split()
     long = Example("t/long", "t", " ".join(words), (" ice", " fire"), 1)
     spans = []  # tokens each forward attends over (prefix + suffix with the shared context)
-    hook = model.register_forward_pre_hook(lambda m, a, kw: spans.append(kw["attention_mask"].shape[1]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: spans.append(kw["attention_mask"].shape[1]),
+                                           with_kwargs=True)
     try:
         with caplog.at_level(logging.WARNING, logger="dynmole.evaluation.engines"):
             result = evaluate_tasks(model, tokenizer, {"t": [long, *examples]}, batch_size=4, progress=False)

@@ -81,11 +81,13 @@ def test_cli_harness_equals_cli_eval_for_a_peft_lora_adapter(tmp_path, tiny_llam
     lora = _perturbed(adapt_model(tiny_llama(seed=0), "lora", MoLEConfig(r=4, alpha=8, dropout=0.0)))
     lora.save_pretrained(tmp_path / "lora")
     task = write_harness_task(_examples(), tmp_path, "dynmole_toy")
-    common = ["eval", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "lora"), "--eval-batch-size", "4"]
+    common = ["eval", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "lora"),
+              "--eval-batch-size", "4"]
     cli.main([*common, "--harness", str(task), "--output", str(tmp_path / "harness.json")])
     assert "| dynmole_toy |" in capsys.readouterr().out
     data = str(tmp_path / "dynmole_toy.jsonl")  # the whole file evaluated, as the harness does
-    cli.main([*common, "--source", data, "--eval-source", data, "--tasks", "toy", "--output", str(tmp_path / "ours.json")])
+    cli.main([*common, "--source", data, "--eval-source", data, "--tasks", "toy",
+              "--output", str(tmp_path / "ours.json")])
     harness = json.loads((tmp_path / "harness.json").read_text())["results"]["tasks"]["dynmole_toy"]
     (ours,) = json.loads((tmp_path / "ours.json").read_text())["results"].values()
     assert harness["n"] == ours["tasks"]["toy"]["n"] == len(ROWS)

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig, cli
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
 from dynmole.errors import DynmoleError
-from dynmole.training.runs import check_output_dir, resume_checkpoint, scan_checkpoints, start_run
-from dynmole.adapters import adapt_model
 from dynmole.training.config import TrainConfig
+from dynmole.training.runs import check_output_dir, resume_checkpoint, scan_checkpoints, start_run
 from dynmole.training.trainer import train
 
 EXAMPLES = [Example(f"toy/{i}", "toy", "question : the sky is ? answer :", (" blue", " red"), 0) for i in range(8)]

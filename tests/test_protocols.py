@@ -9,9 +9,9 @@ import torch
 import dynmole.data
 import dynmole.pretrained
 from dynmole import cli
-from dynmole.experiments import commands, grid, job, pipeline, reproduce
 from dynmole.data import Example, format_examples
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands, grid, job, pipeline, reproduce
 
 FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot")]
 

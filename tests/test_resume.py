@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(
 
 def _run(script, output_dir, kill_at, resume, kill_in_save=False):
     return subprocess.run(
-        [sys.executable, str(script), str(output_dir), str(kill_at), "1" if resume else "0", "1" if kill_in_save else "0"],
+        [sys.executable, str(script), str(output_dir), str(kill_at), "1" if resume else "0",
+         "1" if kill_in_save else "0"],
         capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
 

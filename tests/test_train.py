@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
 from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
-from dynmole.model import find_mole
 from dynmole.errors import DynmoleError
-from dynmole.adapters import adapt_model
+from dynmole.model import find_mole
 from dynmole.training.config import TrainConfig
 from dynmole.training.trainer import check_resume_settings, train
 
@@ -246,7 +246,8 @@ def test_answer_tokens_come_from_the_whole_text(prompt):
     answer = feature["labels"][feature["labels"].count(IGNORE_INDEX):]
     assert answer == tokenizer.convert_tokens_to_ids(["▁blue", "</s>"])
     requests = _requests(tokenizer, [example], "cloze")
-    assert [len(r.continuation) for r in requests] == [1, 2] and stray not in sum((r.continuation for r in requests), [])
+    assert [len(r.continuation) for r in requests] == [1, 2]
+    assert stray not in sum((r.continuation for r in requests), [])
     assert requests[0].context + requests[0].continuation == whole
     assert requests[0].context == feature["input_ids"][: -len(answer)]
     assert requests[0].continuation + [tokenizer.eos_token_id] == answer

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from .errors import DynmoleError
 from .experiments import commands
-from .experiments.job import JOB_CLASSES, JobConfig, job_configs as _job_configs
+from .experiments.job import JOB_CLASSES, JobConfig
+from .experiments.job import job_configs as _job_configs
 from .options import add_fields, option_values
 from .pretrained import DEFAULT_MODEL
 
@@ -86,26 +87,44 @@ def _cmd_reproduce(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
 _PASSTHROUGH = {"bench": _cmd_bench, "reproduce": _cmd_reproduce}
 
 
+_JOB_COMMANDS = (
+    ("demo", "The main job on the embedded defaults: zero-shot eval, DynMoLE fine-tuning of SmolLM2, eval "
+             "(< 15 min on 2 CPU cores).", DEMO_DEFAULTS),
+    ("run", "Evaluate the base model, fine-tune, evaluate again; writes results.json/results.md and the adapter.", {}),
+)
+_CONFIG_HELP = "YAML or JSON file with option values (command-line options override it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynmole", description="Mixture-of-LoRA-Experts fine-tuning (DynMoLE, LD-MoLE and baselines).")
+    description = "Mixture-of-LoRA-Experts fine-tuning (DynMoLE, LD-MoLE and baselines)."
+    parser = argparse.ArgumentParser(prog="dynmole", description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help=f"on an error, show its traceback ({DEBUG_ENV}=1 too)")
-    for name, help_text, defaults in (
-        ("demo", "The main job on the embedded defaults: zero-shot eval, DynMoLE fine-tuning of SmolLM2, eval (< 15 min on 2 CPU cores).", DEMO_DEFAULTS),
-        ("run", "Evaluate the base model, fine-tune, evaluate again; writes results.json/results.md and the adapter.", {}),
-    ):
+    for name, help_text, defaults in _JOB_COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
-        p.add_argument("--config", help="YAML or JSON file with option values (command-line options override it)")
+        p.add_argument("--config", help=_CONFIG_HELP)
         add_fields(p, JOB_CLASSES, defaults)
         p.set_defaults(handler=_cmd_run, defaults=defaults)
     p = sub.add_parser("train", help="Fine-tune an adapter (no evaluation).", description="Fine-tune an adapter.",
                        parents=[common])
-    p.add_argument("--config", help="YAML or JSON file with option values (command-line options override it)")
+    p.add_argument("--config", help=_CONFIG_HELP)
     p.add_argument("--skip-invalid", action="store_true", help="skip and count malformed rows of a local data file")
     add_fields(p, JOB_CLASSES, {})
     p.set_defaults(handler=_cmd_train, defaults={})
-    p = sub.add_parser("eval", help="Accuracy of a base model, or base + adapter, on the benchmarks.", parents=[common])
+    _add_eval(sub.add_parser("eval", help="Accuracy of a base model, or base + adapter, on the benchmarks.",
+                             parents=[common]))
+    _add_generate(sub.add_parser("generate", help="Answer a prompt with a base model and an optional adapter.",
+                                 parents=[common]))
+    for name, help_text in (
+        ("bench", "Performance benchmark (docs/performance.md); options after 'bench' go to it."),
+        ("reproduce", "The papers' comparison, ablations and routing plots (docs/reproduce.md)."),
+    ):
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with option values")
     p.add_argument("--adapter", help="adapter folder (dynmole or PEFT) to load on the base model")
     p.add_argument("--output", help="write the results JSON here")
@@ -115,19 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "pip install 'dynmole[harness]')")
     add_fields(p, (JobConfig,), {})
     p.set_defaults(handler=_cmd_eval, defaults={})
-    p = sub.add_parser("generate", help="Answer a prompt with a base model and an optional adapter.", parents=[common])
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, folder or hub id (default: {DEFAULT_MODEL})")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"registry name, folder or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="adapter folder (dynmole or PEFT)")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
     p.set_defaults(handler=_cmd_generate, defaults={})
-    for name, help_text in (
-        ("bench", "Performance benchmark (docs/performance.md); options after 'bench' go to it."),
-        ("reproduce", "The papers' comparison, ablations and routing plots (docs/reproduce.md)."),
-    ):
-        sub.add_parser(name, help=help_text, add_help=False)
-    return parser
 
 
 def job_configs(argv: Sequence[str]) -> list[Any]:

@@ -189,7 +189,8 @@ class MoLEConfig(PeftConfig):
         if self.peft_type not in (None, PEFT_TYPE):
             raise DynmoleError(f"a MoLEConfig has peft_type {PEFT_TYPE.value}, got {self.peft_type!r}")
         if self.task_type not in (None, TaskType.CAUSAL_LM):
-            raise DynmoleError(f"MoLE adapts causal language models: task_type must be CAUSAL_LM, got {self.task_type!r}")
+            raise DynmoleError("MoLE adapts causal language models: task_type must be CAUSAL_LM, "
+                               f"got {self.task_type!r}")
         self.peft_type, self.task_type = PEFT_TYPE, TaskType.CAUSAL_LM
         super().__post_init__()
         if isinstance(self.target_modules, str):
@@ -358,7 +359,8 @@ class MoLEConfig(PeftConfig):
         the behaviour the adapter was trained with (``_LEGACY_VALUES``), not today's defaults."""
         if not is_dynmole_adapter_config(data):
             hint = " (a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in data else ""
-            raise DynmoleError(f"{source} is not a dynmole adapter config: adapter_type={data.get('adapter_type')!r}{hint}")
+            raise DynmoleError(f"{source} is not a dynmole adapter config: "
+                               f"adapter_type={data.get('adapter_type')!r}{hint}")
         data = {key: value for key, value in data.items() if key not in ("adapter_type", "dynmole_version")}
         version = data.pop("format_version", None)
         if not isinstance(version, int) or version > ADAPTER_FORMAT_VERSION:

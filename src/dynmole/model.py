@@ -302,7 +302,8 @@ class MoLEModel(BaseTuner):
             self.last_aux_losses = {k: v.detach() for k, v in losses.items()}
             if self.relu_l1_coef is not None:
                 active = losses["active_experts"].detach()
-                self._remole_active_sum = active if self._remole_active_sum is None else self._remole_active_sum + active
+                total = self._remole_active_sum
+                self._remole_active_sum = active if total is None else total + active
                 self._remole_micro_batches += 1
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]

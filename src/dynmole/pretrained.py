@@ -168,7 +168,8 @@ def resolve_model(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, ignore_patterns=["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack"]))
+        skipped = ["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack"]
+        return Path(snapshot_download(name_or_path, ignore_patterns=skipped))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same here
         raise DynmoleError(f"{_not_found(name_or_path)} ({type(err).__name__}: {err})") from None
 

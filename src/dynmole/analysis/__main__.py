@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .report import paired_tests_markdown
 from ..training.runs import RESULT_NAME
+from .report import paired_tests_markdown
 from .runs import RunRecord, group_by_variant
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..io import atomic_write
-from .plots import plot_by_layer, plot_curves
 from ..training.runs import PROBE_LOG_NAME, RESULT_NAME
+from .plots import plot_by_layer, plot_curves
 from .runs import RunRecord, layer_index
 
 MOST = 0.5

@@ -15,7 +15,7 @@ from ..config import METHODS
 from ..io import write_json
 from .layer import DTYPES, LayerPoint, check_compile, run_layer_bench
 from .model import ModelSize, memory_worker, run_model_bench
-from .report import check_rows, check_targets, format_table, format_targets, load_average, machine_info
+from .report import Row, check_rows, check_targets, format_table, format_targets, load_average, machine_info
 from .train import run_train_bench
 
 TARGET_POINT = (4096, 512, 6, 16)  # d, T, N, r
@@ -120,30 +120,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+def _checked(args: argparse.Namespace) -> tuple[str, Preset, int, int, list[str]]:
+    """(preset name, preset, warmup, reps, methods) of ``args``; raises ``ValueError`` with the message
+    of the first bad option."""
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available")
     name = "tiny" if args.tiny else "quick" if args.quick else "full" if args.full else "default"
     setup = preset(name)
     if args.points:
-        try:
-            setup.points = parse_points(args.points)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        setup.points = parse_points(args.points)
         setup.compiled_points = [p for p in setup.points if p in setup.compiled_points] or setup.points[:1]
     warmup = setup.warmup if args.warmup is None else args.warmup
     reps = setup.reps if args.reps is None else args.reps
     if reps < 1 or warmup < 0:
-        print("error: --reps must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
+        raise ValueError("--reps must be >= 1 and --warmup >= 0")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        print(f"error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return name, setup, warmup, reps, methods
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Run the sections ``args`` ask for, print the table and the targets, write the JSON report."""
+    try:
+        name, setup, warmup, reps, methods = _checked(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    device = torch.device(args.device)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -185,6 +190,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         )
         rows += train_rows
         report["train"] = train_info
+    _finish(report, rows, args.json, started)
+    return 0
+
+
+def _finish(report: dict[str, Any], rows: list[Row], json_path: str | None, started: float) -> None:
+    """Complete ``report`` with the rows, targets and problems; print the table; write the JSON."""
     report["load_average_end"] = load_average()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["rows"] = [asdict(row) for row in rows]
@@ -194,8 +205,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     print(format_table(rows) + format_targets(targets))
     print(f"\n({report['seconds']}s; load average {report['load_average_start']} -> {report['load_average_end']}; "
           f"{report['machine']['torch_threads']} torch threads on {report['machine']['cpu_count']} CPUs)")
-    if args.json:
-        write_json(args.json, report)
+    if json_path:
+        write_json(json_path, report)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
-    return 0

@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..training.answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
 from ..data import Example
 from ..data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from ..training.answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
 from .layer import mole_config
 from .report import Row, timing_row
 from .timing import interleaved
@@ -103,7 +103,8 @@ def _tiny_examples(count: int, seed: int) -> list[Example]:
     return out
 
 
-def load_assets(size: TrainBenchSize, device: torch.device) -> tuple[nn.Module, Any, list[Example], list[Example], str]:
+def load_assets(size: TrainBenchSize,
+                device: torch.device) -> tuple[nn.Module, Any, list[Example], list[Example], str]:
     """Base model, tokenizer, training and evaluation examples, and a description."""
     train_count = size.batch * size.batches
     if size.model in ("tiny", "tiny-1"):
@@ -154,7 +155,8 @@ def _trainer(model: nn.Module, device: torch.device, folder: str) -> Any:
 
     from ..training.trainer import MoLETrainer
 
-    args = TrainingArguments(output_dir=folder, use_cpu=device.type == "cpu", report_to=[], remove_unused_columns=False)
+    args = TrainingArguments(output_dir=folder, use_cpu=device.type == "cpu", report_to=[],
+                             remove_unused_columns=False)
     trainer = MoLETrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
     return trainer

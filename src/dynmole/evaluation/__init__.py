@@ -9,7 +9,14 @@
 
 from .engines import evaluate_tasks, score_choices
 from .metrics import accuracy, predictions
-from .report import describe_scoring, machine_description, metric_heading, results_markdown, results_tables, write_results
+from .report import (
+    describe_scoring,
+    machine_description,
+    metric_heading,
+    results_markdown,
+    results_tables,
+    write_results,
+)
 from .requests import context_length
 
 __all__ = [

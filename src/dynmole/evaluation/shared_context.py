@@ -52,7 +52,8 @@ def _can_share_context(model: nn.Module, requests: list[_Request]) -> bool:
         return False
     config = getattr(model, "config", None)
     windows = [getattr(config, name, None) for name in ("sliding_window", "attention_chunk_size")]
-    longest = max((len(r.context) for r in requests), default=0) + max((len(r.continuation) for r in requests), default=0)
+    longest = (max((len(r.context) for r in requests), default=0)
+               + max((len(r.continuation) for r in requests), default=0))
     return all(window is None or longest <= window for window in windows)
 
 
@@ -114,7 +115,8 @@ def _continuation_logliks(logits: torch.Tensor, rows: list[int], continuations: 
         valid[i, : len(tokens)] = True
     logprobs = logits.float().log_softmax(-1)
     device = logprobs.device
-    picked = logprobs[torch.tensor(rows, device=device)[:, None], torch.arange(width, device=device), targets.to(device)]
+    row_index = torch.tensor(rows, device=device)[:, None]
+    picked = logprobs[row_index, torch.arange(width, device=device), targets.to(device)]
     return torch.where(valid.to(device), picked, 0.0).sum(-1).tolist()
 
 

@@ -92,7 +92,8 @@ def run_command(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> 
     return result
 
 
-def train_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig, skip_invalid: bool = False) -> dict[str, Any]:
+def train_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig,
+              skip_invalid: bool = False) -> dict[str, Any]:
     """``dynmole train``: fine-tune on ``job``'s data without evaluating; returns the training summary.
     The routing probe's held-out examples are loaded only when it is on (``routing_probe_steps``)."""
     check_output_dir(train_config.output_dir, train_config.resume, train_config.overwrite)  # before any work

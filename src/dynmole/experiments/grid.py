@@ -26,15 +26,14 @@ from torch import nn
 
 from ..adapters import ALL_METHODS, PEFT_METHODS
 from ..analysis import RunRecord
+from ..analysis.runs import write_predictions
 from ..config import MoLEConfig, setting_fields
 from ..data import Example, scoring_protocol
 from ..evaluation import machine_description
 from ..io import write_json
 from ..pretrained import load_model_and_tokenizer
 from ..training.config import TrainConfig
-from ..training.runs import (ADAPTER_NAME, CHECKPOINT_GLOB, ERROR_NAME, RESULT_NAME, checkpoint_step,
-                             scan_checkpoints)
-from ..analysis.runs import write_predictions
+from ..training.runs import ADAPTER_NAME, CHECKPOINT_GLOB, ERROR_NAME, RESULT_NAME, checkpoint_step, scan_checkpoints
 from .job import JOB_CLASSES, JobConfig, job_configs
 from .pipeline import evaluate_model, fine_tune, prepare, run_record
 from .profiles import CostModel, Profile, Variant
@@ -143,9 +142,11 @@ def _settings(profile: Profile, overrides: dict[str, Any], variant: Variant | No
             **(variant.overrides if variant else {})}
 
 
-def _configs(values: dict[str, Any], method: str, seed: int, directory: Path) -> tuple[JobConfig, TrainConfig, MoLEConfig]:
+def _configs(values: dict[str, Any], method: str, seed: int,
+             directory: Path) -> tuple[JobConfig, TrainConfig, MoLEConfig]:
     """A run's settings records: ``values`` with its seed, folder and (unless the base run's "none") method."""
-    run = {**values, "seed": seed, "output_dir": str(directory), **({"method": method} if method in ALL_METHODS else {})}
+    chosen = {"method": method} if method in ALL_METHODS else {}
+    run = {**values, "seed": seed, "output_dir": str(directory), **chosen}
     return job_configs(run)
 
 
@@ -270,7 +271,8 @@ def run_one(spec: RunSpec, inputs: Inputs, keep_adapter: bool = False) -> RunRec
         "seed": spec.seed,
         "overrides": spec.variant.overrides,
         "eval": results,
-        "trainable_params": 0 if spec.variant is BASE else sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_params": 0 if spec.variant is BASE else sum(p.numel() for p in model.parameters()
+                                                                if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "routing": routing,
         **_settings_record(spec),
@@ -298,7 +300,8 @@ def run_all(specs: Sequence[RunSpec], inputs: Inputs, metric: str = "acc_norm",
         if spec.done:
             record = RunRecord.read(spec.directory)
             changed = changed_settings(spec, record)
-            warning = f" - WARNING: it ran with other {', '.join(changed)}; delete its folder to rerun" if changed else ""
+            warning = (f" - WARNING: it ran with other {', '.join(changed)}; delete its folder to rerun"
+                       if changed else "")
             records.append(record)
             print(f"{prefix}: done before, skipped{warning}", flush=True)
             continue

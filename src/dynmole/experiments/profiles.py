@@ -196,7 +196,8 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "regime",
             "The routing-regime study (docs/regime.md): DynMoLE-style runs on SmolLM2-135M long enough to see "
-            "whether the routers leave uniform: the 6 short-prompt tasks of `cpu`, 400 training examples per task, 200 steps of batch 8, "
+            "whether the routers leave uniform: the 6 short-prompt tasks of `cpu`, 400 training examples per task, "
+            "200 steps of batch 8, "
             "bf16 autocast, a routing probe on 32 held-out examples every 20 steps, 64 evaluation examples "
             "per task; sweep lr, router_lr_scale, entropy_coef and router_init_std with --set / --ablation.",
             {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": 400,

@@ -19,13 +19,22 @@ from typing import Any, Callable, Sequence
 from ..analysis import RunRecord, ablation_report, grid_report, group_by_variant, paired_tests_markdown
 from ..evaluation import describe_scoring
 from ..training.runs import RESULT_NAME
-from .grid import (BASE, Inputs, RunSpec, changed_settings, estimate, grid_job, inputs_from_job, parse_assignments,
-                   parse_value, plan, print_plan, run_all, run_one)
+from .grid import (
+    Inputs,
+    RunSpec,
+    grid_job,
+    inputs_from_job,
+    parse_assignments,
+    parse_value,
+    plan,
+    print_plan,
+    run_all,
+    run_one,
+)
 from .job import JobConfig
 from .profiles import ABLATIONS, PROFILES, VARIANTS, Profile, Variant
 
-__all__ = ["BASE", "Inputs", "RunSpec", "build_parser", "changed_settings", "estimate", "grid_job", "inputs_from_job",
-           "main", "parse_assignments", "plan", "print_plan", "run_all", "run_one"]
+__all__ = ["Inputs", "RunSpec", "build_parser", "main", "parse_assignments", "plan", "run_all", "run_one"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metric", choices=("acc_norm", "acc"), default="acc_norm",
                         help="metric of the progress lines and ablation plots (results.md has both)")
     parser.add_argument("--keep-adapters", action="store_true", help="keep each run's trained adapter")
-    parser.add_argument("--dry-run", action="store_true", help="print the planned runs and an estimated time, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the planned runs and an estimated time, run nothing")
     parser.add_argument("--report-only", action="store_true",
-                        help="write results.md, the paired tests and the plots from the runs already finished, run nothing")
+                        help="write results.md, the paired tests and the plots from the runs already finished, "
+                        "run nothing")
     parser.add_argument("--list", action="store_true", help="list the profiles, variants and ablations, run nothing")
     return parser
 
@@ -162,7 +173,8 @@ def _report(args: argparse.Namespace, output_dir: Path, specs: Sequence[RunSpec]
         points: dict[float, list[RunRecord]] = {}
         for record in records:
             points.setdefault(float(record.result["overrides"][ablation.field]), []).append(record)
-        written = ablation_report(points, output_dir, ablation.field, ablation.label, args.metric, ablation.log_x, notes)
+        written = ablation_report(points, output_dir, ablation.field, ablation.label, args.metric, ablation.log_x,
+                                  notes)
         paired = ""
     else:
         groups = group_by_variant(records)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
-from ..numerics import upcast
 from torch import nn
 from torch.nn import functional as F
+
+from ..numerics import upcast
 
 # The reference maps the MLP output through logsigmoid(.) + (1 - 1e-2), so lambda < 0.99.
 LAMBDA_CEILING = 1.0 - 1e-2

@@ -141,7 +141,8 @@ def token_average_scale(trainer: Any, num_items_in_batch: torch.Tensor | int | N
     number of data-parallel processes (``n_gpu`` under ``DataParallel``).
     """
     args = trainer.args
-    if not (args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs and num_items_in_batch is not None):
+    counted = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    if not (args.average_tokens_across_devices and counted):
         return 1
     if args.n_gpu > 1:
         return args.n_gpu

@@ -41,9 +41,9 @@ class TrainConfig:
     save_steps: int = field_help("Save a checkpoint every N steps (0: only at the end).", default=0)
     save_total_limit: int = field_help("Checkpoints kept.", default=2)
     resume: bool = field_help("Resume from the newest complete checkpoint in output_dir.", default=False)
-    overwrite: bool = field_help("Start afresh in an output_dir that holds an earlier run, deleting its checkpoints, logs, "
-                            "adapter and results first (with resume: only when it has no complete checkpoint); "
-                            "without it, or resume, such a folder is refused.", default=False)
+    overwrite: bool = field_help("Start afresh in an output_dir that holds an earlier run, deleting its checkpoints, "
+                                 "logs, adapter and results first (with resume: only when it has no complete "
+                                 "checkpoint); without it, or resume, such a folder is refused.", default=False)
     report_to: str = field_help("Trackers: tensorboard, none, wandb, ...", default="tensorboard")
     router_lr_scale: float = field_help(
         "Learning rate of the MoLE routers (W_g) as a multiple of lr. 1 = the papers (one lr for all); "
@@ -71,4 +71,5 @@ class TrainConfig:
         if self.router_lr_scale <= 0:
             raise DynmoleError(f"router_lr_scale must be > 0, got {self.router_lr_scale}")
         if self.precision not in PRECISIONS:
-            raise DynmoleError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, got {self.precision!r}")
+            raise DynmoleError(f"precision must be {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}, "
+                               f"got {self.precision!r}")

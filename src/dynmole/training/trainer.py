@@ -25,7 +25,7 @@ from .answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator, answer_lm_loss, 
 from .callbacks import JsonlLogger, ReMoLECoefficientCallback
 from .config import TrainConfig
 from .probe import RoutingProbe
-from .runs import (ADAPTER_NAME, LOG_NAME, STATE_NAME, finished_checkpoint, resume_checkpoint, start_run)
+from .runs import ADAPTER_NAME, LOG_NAME, STATE_NAME, finished_checkpoint, resume_checkpoint, start_run
 
 
 def _non_finite_source(model: nn.Module) -> str:
@@ -178,28 +178,10 @@ def check_resume_settings(checkpoint: str | Path, model: nn.Module) -> None:
         )
 
 
-def train(
-    model: nn.Module, tokenizer: Any, examples: list[Example], config: TrainConfig,
-    probe_examples: list[Example] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune an adapted ``model`` on ``examples`` (cross-entropy on answer tokens + aux losses).
-
-    ``probe_examples`` (held out) feed the routing probe when ``config.routing_probe_steps > 0``
-    (:mod:`dynmole.training.probe`; MoLE models only). Returns the trained model and a summary
-    (train loss, steps, runtime, log history). The final adapter is saved in ``<output_dir>/adapter``.
-    """
-    from datasets import Dataset
-
-    if not examples:
-        raise DynmoleError("no training examples")
-    output_dir = Path(config.output_dir)
-    resume = resume_checkpoint(output_dir, config.resume, config.overwrite)
-    if resume is not None:
-        check_resume_settings(resume, model)  # before start_run changes anything
-    start_run(output_dir, resume, config.overwrite, config.max_steps)
-    features = Dataset.from_list([encode_example(tokenizer, ex, config.cutoff_len) for ex in examples])
-    args = TrainingArguments(
-        output_dir=str(output_dir),
+def training_arguments(config: TrainConfig) -> TrainingArguments:
+    """The HF ``TrainingArguments`` of ``config``."""
+    return TrainingArguments(
+        output_dir=str(Path(config.output_dir)),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr,
@@ -226,16 +208,11 @@ def train(
         **_precision_flags(config.precision),
         **_sampler_flags(config.group_by_length),
     )
-    trainer = MoLETrainer(
-        model=model,
-        args=args,
-        train_dataset=features,
-        data_collator=_collator(tokenizer, config.answer_logits_only),
-        processing_class=tokenizer,
-        callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / LOG_NAME), ReMoLECoefficientCallback()],
-        router_lr_scale=config.router_lr_scale,
-    )
-    if resume is not None and finished_checkpoint(resume, config.max_steps):
+
+
+def _run(trainer: MoLETrainer, resume: Path | None, max_steps: int) -> tuple[float, float | None]:
+    """Train (from ``resume``, a checkpoint, or from the start); returns (train loss, runtime in s)."""
+    if resume is not None and finished_checkpoint(resume, max_steps):
         # Killed after the last step's checkpoint: the Trainer would take one step more (at lr 0).
         trainer._load_from_checkpoint(resume)
         trainer.state = trainer.state.load_from_json(str(Path(resume) / STATE_NAME))
@@ -247,9 +224,45 @@ def train(
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory ({err}). Knobs to turn: --batch-size (with --grad-accum to keep the "
-                "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts or a lower --r"
+                "effective batch), --cutoff-len, --gradient-checkpointing, --precision bf16, fewer --num-experts "
+                "or a lower --r"
             ) from err
         train_loss, runtime = result.training_loss, result.metrics.get("train_runtime")
+    return train_loss, runtime
+
+
+def train(
+    model: nn.Module, tokenizer: Any, examples: list[Example], config: TrainConfig,
+    probe_examples: list[Example] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune an adapted ``model`` on ``examples`` (cross-entropy on answer tokens + aux losses).
+
+    ``probe_examples`` (held out) feed the routing probe when ``config.routing_probe_steps > 0``
+    (:mod:`dynmole.training.probe`; MoLE models only). Returns the trained model and a summary
+    (train loss, steps, runtime, log history). The final adapter is saved in ``<output_dir>/adapter``.
+    """
+    from datasets import Dataset
+
+    if not examples:
+        raise DynmoleError("no training examples")
+    output_dir = Path(config.output_dir)
+    resume = resume_checkpoint(output_dir, config.resume, config.overwrite)
+    if resume is not None:
+        check_resume_settings(resume, model)  # before start_run changes anything
+    start_run(output_dir, resume, config.overwrite, config.max_steps)
+    features = Dataset.from_list([encode_example(tokenizer, ex, config.cutoff_len) for ex in examples])
+    args = training_arguments(config)
+    trainer = MoLETrainer(
+        model=model,
+        args=args,
+        train_dataset=features,
+        data_collator=_collator(tokenizer, config.answer_logits_only),
+        processing_class=tokenizer,
+        callbacks=[*_probe_callbacks(model, tokenizer, probe_examples, config), JsonlLogger(output_dir / LOG_NAME),
+                   ReMoLECoefficientCallback()],
+        router_lr_scale=config.router_lr_scale,
+    )
+    train_loss, runtime = _run(trainer, resume, config.max_steps)
     trainer.save_model(str(output_dir / ADAPTER_NAME))
     summary = {
         "train_loss": train_loss,
