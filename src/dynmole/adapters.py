@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from peft.utils import CONFIG_NAME
 from torch import nn
 
 from .config import METHODS, MoLEConfig, is_dynmole_adapter_config, setting_fields
@@ -93,7 +94,7 @@ def is_peft_adapter(folder: Path) -> bool:
     """Whether ``folder`` holds a PEFT adapter: its ``adapter_config.json`` parses to an object with
     ``peft_type`` and without dynmole's marker (ours may carry ``peft_type`` too)."""
     try:
-        data = json.loads((folder / "adapter_config.json").read_text())
+        data = json.loads((folder / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return False  # load_mole_model says what is wrong with the folder
     return isinstance(data, dict) and "peft_type" in data and not is_dynmole_adapter_config(data)

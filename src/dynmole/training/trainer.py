@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils import CONFIG_NAME
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -162,7 +163,7 @@ def _collator(tokenizer: Any, answer_logits_only: bool) -> Any:
 def check_resume_settings(checkpoint: str | Path, model: nn.Module) -> None:
     """Refuse to resume ``checkpoint`` with adapter settings other than the ones it was trained with,
     naming each field that differs."""
-    path = Path(checkpoint) / "adapter_config.json"
+    path = Path(checkpoint) / CONFIG_NAME
     requested = model_settings(model)
     if requested is None or not path.is_file():
         return
