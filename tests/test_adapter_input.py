@@ -91,12 +91,14 @@ def test_backward_matches_finite_differences(features, mask_on, router_dropout, 
     mask = dropout_mask(x, 0.3) if mask_on else None
     weights = [torch.randn(3, 5, dtype=dtype, requires_grad=True), torch.randn(4, 5, dtype=dtype, requires_grad=True)]
     if features:
-        weights += [torch.randn(6, 5, dtype=dtype, requires_grad=True), torch.randn(6, dtype=dtype, requires_grad=True)]
+        weights += [torch.randn(6, 5, dtype=dtype, requires_grad=True),
+                    torch.randn(6, dtype=dtype, requires_grad=True)]
     else:
         weights += [None, None]
 
     def project(x, router, lora_A, feature_weight, feature_bias):
-        return _AdapterInput.apply(x, mask, 1 / 0.7, router_dropout, dtype, router, lora_A, feature_weight, feature_bias)
+        return _AdapterInput.apply(x, mask, 1 / 0.7, router_dropout, dtype, router, lora_A, feature_weight,
+                                   feature_bias)
 
     assert torch.autograd.gradcheck(project, (x, *weights))
 

@@ -43,7 +43,8 @@ def _record(tmp_path, variant, seed, acc, routing=None, log=None, adapter=None):
     result = {
         "variant": variant, "seed": seed, "trainable_params": 1_234_567, "routing": routing or {},
         "adapter": adapter or {},
-        "eval": {"tasks": {"piqa": {"acc": acc, "acc_norm": acc, "n": 4}, "arc_e": {"acc": acc, "acc_norm": acc, "n": 4},
+        "eval": {"tasks": {"piqa": {"acc": acc, "acc_norm": acc, "n": 4},
+                           "arc_e": {"acc": acc, "acc_norm": acc, "n": 4},
                            "toy": {"acc": acc, "acc_norm": acc, "n": 4}},
                  "average": {"acc": acc, "acc_norm": acc}},
     }
@@ -54,9 +55,11 @@ def _record(tmp_path, variant, seed, acc, routing=None, log=None, adapter=None):
 
 
 def test_plot_functions_write_pngs(tmp_path):
-    curves = {"LoRA": [[(1, 4.0), (2, 3.5), (3, 3.0)], [(1, 4.2), (2, 3.6), (3, 3.1)]], "DynMoLE": [[(1, 4.1), (2, 3.0)]]}
+    curves = {"LoRA": [[(1, 4.0), (2, 3.5), (3, 3.0)], [(1, 4.2), (2, 3.6), (3, 3.1)]],
+              "DynMoLE": [[(1, 4.1), (2, 3.0)]]}
     _assert_png(plot_curves(curves, tmp_path / "loss.png", "loss", "Training loss"))
-    panels = {"gate_proj": {"MoLA": [{0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0}], "DynMoLE": [{0: 3.1, 1: 2.4}, {0: 2.9, 1: 2.6}]},
+    panels = {"gate_proj": {"MoLA": [{0: 2.0, 1: 2.0}, {0: 2.0, 1: 2.0}],
+                            "DynMoLE": [{0: 3.1, 1: 2.4}, {0: 2.9, 1: 2.6}]},
               "up_proj": {"MoLA": [{0: 2.0, 1: 2.0}], "DynMoLE": [{0: 3.0, 1: 2.5}]}}
     _assert_png(plot_by_layer(panels, tmp_path / "layers.png", "experts per token", "Experts by layer"))
     loads = {"MoLA (2-4-6-8)": {0: [0.5, 0.5], 1: [0.1, 0.2, 0.3, 0.4]}, "DynMoLE": {0: [0.25] * 4, 1: [0.25] * 4}}

@@ -8,16 +8,18 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from dynmole import MoLEConfig
-from dynmole.answer_logits import (
+from dynmole.adapters import adapt_model
+from dynmole.data import Example
+from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from dynmole.training.answer_logits import (
     ANSWER_SPAN_KEY,
     AnswerSpanCollator,
     answer_cross_entropy,
     answer_positions,
     logits_to_keep,
 )
-from dynmole.data import Example
-from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
-from dynmole.train import MoLETrainer, TrainConfig, adapt_model, train
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import MoLETrainer, train
 
 FACTS = [
     ("the sky is", " blue"), ("fire is", " hot and red"), ("what is the sun ? the sun is", " hot"),

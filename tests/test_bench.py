@@ -99,7 +99,8 @@ def test_ldmole_flops_floor_counts_the_lambda_mlp():
 def test_targets_are_checked_on_the_rows_they_name(tiny_report):
     rows = [
         Row("layer", "d=576 T=512 N=6 r=16 fp32 fwd+bwd", "mole_ldmole", "ours", ms=1.0, ratio=1.4, ratio_q1=1.3,
-            ratio_q3=1.5, extra={"d": 576, "T": 512, "N": 6, "r": 16, "mode": "fwd+bwd", "floor_mole_over_lora": 1.44}),
+            ratio_q3=1.5,
+            extra={"d": 576, "T": 512, "N": 6, "r": 16, "mode": "fwd+bwd", "floor_mole_over_lora": 1.44}),
         Row("layer", "d=576 T=512 N=6 r=16 fp32 fwd", "mole_ldmole", "ours", ms=1.0, ratio=1.0,
             extra={"d": 576, "mode": "fwd"}),  # forward only: no target
         Row("model", "generate 32 tokens (prompt 16, KV cache) fp32", "mole_dynmole", "ours", ms=1.0, ratio=1.05),

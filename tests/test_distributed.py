@@ -17,7 +17,9 @@ SCRIPT = textwrap.dedent(
     import conftest
     from test_train import _examples
     from dynmole import MoLEConfig
-    from dynmole.train import TrainConfig, adapt_model, train
+    from dynmole.adapters import adapt_model
+    from dynmole.training.config import TrainConfig
+    from dynmole.training.trainer import train
 
     output_dir, batch = sys.argv[1], int(sys.argv[2])
     model = conftest.tiny_llama.__wrapped__()(seed=0)
@@ -40,7 +42,8 @@ def test_two_processes_match_one(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one"), "8"], capture_output=True, text=True,
+                         env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

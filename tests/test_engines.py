@@ -34,7 +34,9 @@ TRAINER_SCRIPT = textwrap.dedent(
     from accelerate.state import PartialState
     from test_train import _examples
     from dynmole import MoLEConfig
-    from dynmole.train import TrainConfig, adapt_model, train
+    from dynmole.adapters import adapt_model
+    from dynmole.training.config import TrainConfig
+    from dynmole.training.trainer import train
 
     output_dir, method, precision = sys.argv[1], sys.argv[2], sys.argv[3]
     model = conftest.tiny_llama.__wrapped__()(seed=0)

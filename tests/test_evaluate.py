@@ -7,7 +7,8 @@ from torch import nn
 
 from dynmole import MoLEConfig, get_mole_model
 from dynmole.data.example import Example
-from dynmole.evaluate import _accepts_logits_to_keep, accuracy, evaluate_tasks, results_markdown, score_choices, write_results
+from dynmole.evaluation import accuracy, evaluate_tasks, results_markdown, score_choices, write_results
+from dynmole.pretrained import accepts_logits_to_keep
 
 CORPUS = [
     "Question : which animal barks ? Answer : dog cat fish bird",
@@ -198,8 +199,8 @@ def test_only_answer_positions_reach_the_lm_head(model, tokenizer, examples):
         assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
     fresh = type(model)(model.config)
     mole = get_mole_model(fresh, MoLEConfig(method="loramoe", num_experts=2, r=2, alpha=4.0))
-    assert mole.get_base_model() is fresh and _accepts_logits_to_keep(mole)
-    assert not _accepts_logits_to_keep(FullLogits(model))
+    assert mole.get_base_model() is fresh and accepts_logits_to_keep(mole)
+    assert not accepts_logits_to_keep(FullLogits(model))
 
 
 def test_label_scoring_is_the_argmax_of_the_label_logits(model, tokenizer, examples):
@@ -236,7 +237,7 @@ def test_label_scoring_is_the_argmax_of_the_label_logits(model, tokenizer, examp
 def test_label_training_features_are_the_evaluated_prompt_and_the_gold_label(tokenizer, examples):
     from dynmole.data import format_examples
     from dynmole.data.tokenize import IGNORE_INDEX, encode_example
-    from dynmole.evaluate import _requests
+    from dynmole.evaluation.requests import _requests
 
     for example, labelled in zip(examples, format_examples(examples, "label")):
         features = encode_example(tokenizer, labelled)
@@ -244,7 +245,8 @@ def test_label_training_features_are_the_evaluated_prompt_and_the_gold_label(tok
         assert features["input_ids"][-len(gold) - 1:] == gold + [tokenizer.eos_token_id]
         (context,) = {tuple(request.context) for request in _requests(tokenizer, [example], "label")}
         prompt = features["input_ids"][: len(features["input_ids"]) - len(gold) - 1]
-        assert tuple(prompt) == context and features["labels"] == [IGNORE_INDEX] * len(prompt) + gold + [tokenizer.eos_token_id]
+        assert tuple(prompt) == context
+        assert features["labels"] == [IGNORE_INDEX] * len(prompt) + gold + [tokenizer.eos_token_id]
 
 
 def test_choices_is_the_old_name_of_cloze(model, tokenizer, examples):
@@ -261,9 +263,10 @@ def test_long_prompts_are_cut_as_training_cuts_them_and_counted(model, tokenizer
     words = ("the sky is blue . " * 200 + "Question : what is hot ? Answer :").split()
     long = Example("t/long", "t", " ".join(words), (" ice", " fire"), 1)
     spans = []  # tokens each forward attends over (prefix + suffix with the shared context)
-    hook = model.register_forward_pre_hook(lambda m, a, kw: spans.append(kw["attention_mask"].shape[1]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: spans.append(kw["attention_mask"].shape[1]),
+                                           with_kwargs=True)
     try:
-        with caplog.at_level(logging.WARNING, logger="dynmole.evaluate"):
+        with caplog.at_level(logging.WARNING, logger="dynmole.evaluation.engines"):
             result = evaluate_tasks(model, tokenizer, {"t": [long, *examples]}, batch_size=4, progress=False)
         assert max(spans) <= 64  # the model's max_position_embeddings (1000+ tokens without the cut)
         spans.clear()

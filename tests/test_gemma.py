@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig, load_mole_model
+from dynmole.adapters import adapt_model
 from dynmole.data import load_examples, load_mixture
-from dynmole.evaluate import evaluate_tasks
+from dynmole.evaluation import evaluate_tasks
 from dynmole.pretrained import MARKER_NAME, load_model_and_tokenizer, resolve_model
-from dynmole.train import TrainConfig, adapt_model, train
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import torch
 
 from dynmole import MoLEConfig, cli, get_mole_model
 from dynmole.data import Example, load_examples
-from dynmole.evaluate import accuracy, predictions, score_choices
-from dynmole.harness import write_harness_task
+from dynmole.evaluation import accuracy, predictions, score_choices
+from dynmole.evaluation.harness import write_harness_task
 
 # answers of different lengths, so that acc and acc_norm can disagree
 ROWS = [
@@ -73,7 +73,7 @@ def test_documented_python_route_scores_a_mole_model_like_dynmole_eval(tmp_path,
 
 
 def test_cli_harness_equals_cli_eval_for_a_peft_lora_adapter(tmp_path, tiny_llama, tiny_tokenizer, capsys):
-    from dynmole.train import adapt_model
+    from dynmole.adapters import adapt_model
 
     base = tiny_llama(seed=0)
     base.save_pretrained(tmp_path / "model")
@@ -81,11 +81,13 @@ def test_cli_harness_equals_cli_eval_for_a_peft_lora_adapter(tmp_path, tiny_llam
     lora = _perturbed(adapt_model(tiny_llama(seed=0), "lora", MoLEConfig(r=4, alpha=8, dropout=0.0)))
     lora.save_pretrained(tmp_path / "lora")
     task = write_harness_task(_examples(), tmp_path, "dynmole_toy")
-    common = ["eval", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "lora"), "--eval-batch-size", "4"]
+    common = ["eval", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "lora"),
+              "--eval-batch-size", "4"]
     cli.main([*common, "--harness", str(task), "--output", str(tmp_path / "harness.json")])
     assert "| dynmole_toy |" in capsys.readouterr().out
     data = str(tmp_path / "dynmole_toy.jsonl")  # the whole file evaluated, as the harness does
-    cli.main([*common, "--source", data, "--eval-source", data, "--tasks", "toy", "--output", str(tmp_path / "ours.json")])
+    cli.main([*common, "--source", data, "--eval-source", data, "--tasks", "toy",
+              "--output", str(tmp_path / "ours.json")])
     harness = json.loads((tmp_path / "harness.json").read_text())["results"]["tasks"]["dynmole_toy"]
     (ours,) = json.loads((tmp_path / "ours.json").read_text())["results"].values()
     assert harness["n"] == ours["tasks"]["toy"]["n"] == len(ROWS)

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from dynmole import routing
-from dynmole.gating import build_gate_fn
 from dynmole.config import MoLEConfig
+from dynmole.gating import build_gate_fn
 from dynmole.layers import MoLELinear, RouteResult
 
 

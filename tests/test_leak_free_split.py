@@ -13,7 +13,8 @@ QUESTION = "\nQuestion: Who or what fills the blank (_)?\nAnswer:"
 
 
 def _twin(i, trigger, label):
-    return Example(f"w/{i}", "winogrande", f"Sarah was a better surgeon than Maria so _ always got the {trigger} cases.{QUESTION}",
+    prompt = f"Sarah was a better surgeon than Maria so _ always got the {trigger} cases.{QUESTION}"
+    return Example(f"w/{i}", "winogrande", prompt,
                    (" Sarah", " Maria"), label, ("Sarah", "Maria"))
 
 
@@ -44,7 +45,8 @@ def test_twins_land_on_one_side_and_legacy_split_separates_them():
 
 def test_leak_free_split_is_deterministic_and_independent_of_row_order():
     rows = [_twin(i, trigger, i % 2) for i, trigger in enumerate(["easier", "harder", "longer", "shorter"] * 5)]
-    rows += [Example(f"h/{i}", "hellaswag", f"Caption {i}: A man walks. He", (" sits down on a bench slowly.", " flies."), 0)
+    rows += [Example(f"h/{i}", "hellaswag", f"Caption {i}: A man walks. He",
+                     (" sits down on a bench slowly.", " flies."), 0)
              for i in range(6)]
     first = split_by_hash(rows, "eval", 0.5, LEAK_FREE_SPLIT)
     shuffled = rows[:]
@@ -58,7 +60,8 @@ def test_an_answer_inside_another_prompt_joins_its_group():
     i, j = _straddling_pair()
     caption = Example(f"w/{i}", "hellaswag", "Roofing: A man is sitting on a roof. He",
                       (" is ripping old tiles off the roof.", " eats a cake."), 0)
-    follower = Example(f"w/{j}", "hellaswag", "Roofing: A man is sitting on a roof. He is ripping old tiles off the roof. He",
+    follower = Example(f"w/{j}", "hellaswag",
+                       "Roofing: A man is sitting on a roof. He is ripping old tiles off the roof. He",
                        (" throws them down.", " sings."), 0)
     assert contained_answer_pairs([caption, follower], [caption, follower]) == {(0, 1)}
     evaluation = split_by_hash([caption, follower], "eval", 0.5, LEAK_FREE_SPLIT)
@@ -69,8 +72,10 @@ def test_an_answer_inside_another_prompt_joins_its_group():
 def test_same_source_groups_boolq_questions_on_one_passage():
     i, j = _straddling_pair()
     passage = "Ethanol fuel is made from corn."
-    rows = [Example(f"w/{i}", "boolq", f"{passage}\nQuestion: does producing it take more energy than it gives?\nAnswer:", (" no", " yes"), 1),
-            Example(f"w/{j}", "boolq", f"{passage}\nQuestion: do cars in brazil run on this kind of alcohol?\nAnswer:", (" no", " yes"), 0)]
+    first = f"{passage}\nQuestion: does producing it take more energy than it gives?\nAnswer:"
+    second = f"{passage}\nQuestion: do cars in brazil run on this kind of alcohol?\nAnswer:"
+    rows = [Example(f"w/{i}", "boolq", first, (" no", " yes"), 1),
+            Example(f"w/{j}", "boolq", second, (" no", " yes"), 0)]
     assert not near_duplicate_pairs(rows)  # too few shared words: only the source key links them
     assert len(split_by_hash(rows, "eval", 0.5, LEAK_FREE_SPLIT)) in (0, 2)
 
@@ -91,7 +96,8 @@ def test_prefix_filtering_finds_every_similar_pair():
             for k in range(80)]
     sets = [prompt_tokens(e.prompt) for e in rows]
     for threshold in (0.3, 0.6, 0.8):
-        brute = {(i, j) for i, j in itertools.combinations(range(len(rows)), 2) if jaccard(sets[i], sets[j]) >= threshold}
+        pairs = itertools.combinations(range(len(rows)), 2)
+        brute = {(i, j) for i, j in pairs if jaccard(sets[i], sets[j]) >= threshold}
         assert near_duplicate_pairs(rows, threshold) == brute
 
 

@@ -160,4 +160,5 @@ def test_entropy_loss_uses_the_entropy_eps():
     valid = torch.ones(2, 5)
     for eps in (0.0, 1e-5):
         out = losses.aux_losses(records, None, MoLEConfig(method="dynmole", entropy_eps=eps))
-        torch.testing.assert_close(out["entropy"], 1e-2 * losses.entropy_loss(probs, valid, 1.1, eps), rtol=1e-6, atol=0)
+        torch.testing.assert_close(out["entropy"], 1e-2 * losses.entropy_loss(probs, valid, 1.1, eps),
+                                   rtol=1e-6, atol=0)

@@ -45,7 +45,8 @@ def test_save_load_round_trip(tiny_llama, tmp_path, method):
     assert not torch.allclose(expected, tiny_llama()(input_ids=ids, attention_mask=mask).logits)
     model.save_pretrained(tmp_path)
     # PEFT's files: the model card, the config, the weights
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["method"] == method and saved["adapter_type"] == "DYNMOLE" and saved["peft_type"] == "DYNMOLE"
     # adapter weights only: far smaller than the base model

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig, cli
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
 from dynmole.errors import DynmoleError
-from dynmole.outputs import check_output_dir, resume_checkpoint, scan_checkpoints, start_run
-from dynmole.train import TrainConfig, adapt_model, train
+from dynmole.training.config import TrainConfig
+from dynmole.training.runs import check_output_dir, resume_checkpoint, scan_checkpoints, start_run
+from dynmole.training.trainer import train
 
 EXAMPLES = [Example(f"toy/{i}", "toy", "question : the sky is ? answer :", (" blue", " red"), 0) for i in range(8)]
 
@@ -110,11 +112,11 @@ def _no_model(*args, **kwargs):
 
 
 def test_output_folder_problems_fail_before_any_work(tmp_path, monkeypatch, capsys):
-    import dynmole.job
+    import dynmole.experiments.commands
     import dynmole.pretrained
 
     monkeypatch.setattr(dynmole.pretrained, "load_model_and_tokenizer", _no_model)
-    monkeypatch.setattr(dynmole.job, "load_model_and_tokenizer", _no_model)
+    monkeypatch.setattr(dynmole.experiments.commands, "load_model_and_tokenizer", _no_model)
     blocker = tmp_path / "file"  # a regular file where a folder should be (chmod stops no root process)
     blocker.write_text("")
     finished = tmp_path / "finished"

@@ -133,8 +133,8 @@ def test_adapter_saved_before_peft_loads_and_converts(tiny_llama, tmp_path, meth
     legacy.mkdir()
     state = get_peft_model_state_dict(model)
     assert any(key.startswith(("base_model.lambda_mlps.", "base_model.relu_l1_coef")) for key in state)
-    old_keys = {key.removeprefix("base_model.").removeprefix("model."): value.contiguous() for key, value in state.items()
-                if key.startswith("base_model.")}
+    old_keys = {key.removeprefix("base_model.").removeprefix("model."): value.contiguous()
+                for key, value in state.items() if key.startswith("base_model.")}
     save_file(old_keys, str(legacy / "adapter_model.safetensors"))
     (legacy / "adapter_config.json").write_text(json.dumps(
         {"adapter_type": "DYNMOLE", "format_version": 2, "base_model_name_or_path": None, "dynmole_version": "0.1.0",

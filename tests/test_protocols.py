@@ -8,10 +8,10 @@ import torch
 
 import dynmole.data
 import dynmole.pretrained
-import dynmole.train
-from dynmole import cli, job, reproduce
+from dynmole import cli
 from dynmole.data import Example, format_examples
 from dynmole.errors import DynmoleError
+from dynmole.experiments import commands, grid, job, pipeline, reproduce
 
 FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot")]
 
@@ -47,14 +47,12 @@ def trained(monkeypatch, tiny_llama, tiny_tokenizer):
         return model, {"steps": 0, "examples": len(examples), "train_loss": 0.0}
 
     load = lambda *args, **kwargs: (tiny_llama(), tiny_tokenizer)  # noqa: E731
-    for module in (job, dynmole.pretrained):
+    for module in (commands, dynmole.pretrained):
         monkeypatch.setattr(module, "load_model_and_tokenizer", load)
     for module in (job, dynmole.data):
         monkeypatch.setattr(module, "load_mixture", lambda *args, **kwargs: list(TRAIN))
     monkeypatch.setattr(job, "load_examples", lambda task, *args, **kwargs: EVAL[task])
-    monkeypatch.setattr(job, "train", fake_train)
-    monkeypatch.setattr(dynmole.train, "train", fake_train)
-    monkeypatch.setattr(reproduce, "train", fake_train)
+    monkeypatch.setattr(pipeline, "train", fake_train)  # the one pipeline of run, train and reproduce
     return seen
 
 
@@ -66,7 +64,7 @@ def _job_argv(tmp_path, scoring: str) -> list[str]:
 @pytest.mark.parametrize("scoring", ["cloze", "label"])
 def test_run_trains_on_the_evaluated_format(tmp_path, trained, scoring):
     job_config, train_config, mole = cli.job_configs(["run", *_job_argv(tmp_path, scoring)])
-    job.run_job(job_config, train_config, mole)
+    commands.run_job(job_config, train_config, mole)
     assert trained == [format_examples(TRAIN, scoring)]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["metadata"]["scoring"] == scoring and saved["metadata"]["job"]["scoring"] == scoring
@@ -100,7 +98,7 @@ def test_choices_in_a_config_file_still_runs_as_cloze(tmp_path, trained):
                       f"output_dir: {tmp_path / 'out'}\n")
     job_config, train_config, mole = cli.job_configs(["run", "--config", str(config)])
     assert job_config.scoring == "cloze"
-    job.run_job(job_config, train_config, mole)
+    commands.run_job(job_config, train_config, mole)
     assert trained == [TRAIN]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["metadata"]["scoring"] == "cloze"
     with pytest.raises(DynmoleError, match="unknown scoring 'letters'"):
@@ -116,12 +114,12 @@ def test_old_runs_recorded_as_choices_read_as_cloze(tmp_path):
 
 def test_a_finished_run_recorded_as_choices_is_not_reported_as_changed(tmp_path):
     from dynmole.analysis import RunRecord
-    from dynmole.reproduce_profiles import PROFILES, VARIANTS
+    from dynmole.experiments.profiles import PROFILES, VARIANTS
 
-    (spec,) = reproduce.plan(PROFILES["tiny"], [VARIANTS["lora"]], [0], {}, tmp_path, eval_base=False)
-    result = json.loads(json.dumps(reproduce._settings_record(spec)))
+    (spec,) = grid.plan(PROFILES["tiny"], [VARIANTS["lora"]], [0], {}, tmp_path, eval_base=False)
+    result = json.loads(json.dumps(grid._settings_record(spec)))
     assert result["job"]["scoring"] == "cloze"
     result["job"]["scoring"] = "choices"
-    assert reproduce.changed_settings(spec, RunRecord(tmp_path, result)) == []
+    assert grid.changed_settings(spec, RunRecord(tmp_path, result)) == []
     result["job"]["scoring"] = "label"
-    assert reproduce.changed_settings(spec, RunRecord(tmp_path, result)) == ["job.scoring"]
+    assert grid.changed_settings(spec, RunRecord(tmp_path, result)) == ["job.scoring"]

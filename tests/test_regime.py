@@ -5,10 +5,12 @@ import json
 import torch
 
 from dynmole import MoLEConfig
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
-from dynmole.outputs import trim_logs
-from dynmole.routing_probe import PROBE_LOG_NAME, probe_set, summarize_probe
-from dynmole.train import TrainConfig, adapt_model, router_parameters, scale_parameter_groups, train
+from dynmole.training.config import TrainConfig
+from dynmole.training.probe import probe_set, summarize_probe
+from dynmole.training.runs import PROBE_LOG_NAME, trim_logs
+from dynmole.training.trainer import router_parameters, scale_parameter_groups, train
 
 
 def _examples(n=16, task="toy"):
@@ -99,7 +101,8 @@ def _fake_run(root, name, scale, below):
     write_json(directory / "result.json", {
         "variant": "DynMoLE", "method": "dynmole", "seed": 0, "eval": {"average": {"acc": 0.5, "acc_norm": 0.6}},
         "train": {"lr": 1e-3, "router_lr_scale": scale}, "adapter": {"entropy_coef": None, "router_init_std": 0.02},
-        "routing": {"m.layers.0.mlp.up_proj": {"load": [0.5, 0.25, 0.25]}, "m.layers.1.mlp.up_proj": {"load": [0.3, 0.7]}},
+        "routing": {"m.layers.0.mlp.up_proj": {"load": [0.5, 0.25, 0.25]},
+                    "m.layers.1.mlp.up_proj": {"load": [0.3, 0.7]}},
     })
     (directory / "log.jsonl").write_text(json.dumps({"step": 20, "loss": 2.5}) + "\n")
     modules = {f"model.layers.{i}.mlp.up_proj": {"entropy": 0.9, "mean_experts": 5.0, "soft_fraction": 0.5,
@@ -120,7 +123,8 @@ def test_regime_study_table_and_plots(tmp_path, capsys):
     assert [r.first_step_most_below() for r in runs] == [None, 10]
     assert regime.main([str(tmp_path), "--output", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "regime.md").read_text()
-    assert "| dynmole, lr 0.001, router x10 | 20 | 1.00 / 0.90 / 0.80 | 0.90 | 6.00 | 0.60 | 10 | 2.50 | 60.0 |" in table
+    assert ("| dynmole, lr 0.001, router x10 | 20 | 1.00 / 0.90 / 0.80 | 0.90 | 6.00 | 0.60 | 10 | 2.50 | 60.0 |"
+            in table)
     assert "| never |" in table
     assert (tmp_path / "out" / "plots" / "regime_entropy.png").stat().st_size > 0
     assert regime.main([str(tmp_path / "out" / "plots")]) == 2

@@ -4,9 +4,9 @@ import re
 import pytest
 import torch
 
-from dynmole import reproduce
 from dynmole.data import Example
-from dynmole.reproduce_profiles import PROFILES, VARIANTS
+from dynmole.experiments import grid, reproduce
+from dynmole.experiments.profiles import PROFILES, VARIANTS
 
 FACTS = [("the sky is", " blue", " red"), ("fire is", " hot", " cold"), ("ice is", " cold", " hot"),
          ("water is", " wet", " dry")]
@@ -51,7 +51,8 @@ def _table(markdown, heading):
 
 
 def test_grid_writes_runs_table_plots_and_resumes(tmp_path, toy_inputs, capsys):
-    argv = ["--profile", "tiny", "--methods", "lora,dynmole,mola-2468", "--seeds", "0,1", "--output-dir", str(tmp_path)]
+    argv = ["--profile", "tiny", "--methods", "lora,dynmole,mola-2468", "--seeds", "0,1",
+            "--output-dir", str(tmp_path)]
     assert reproduce.main(argv, inputs=toy_inputs) == 0
 
     results = sorted(tmp_path.glob("runs/*/seed*/result.json"))
@@ -106,7 +107,8 @@ def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsy
     out = capsys.readouterr().out
 
     correct = {}  # (variant key, seed) -> task -> 0/1 per example, from predictions.json
-    for folder in [tmp_path / "runs/base"] + [tmp_path / f"runs/{k}/seed{s}" for k in ("lora", "dynmole") for s in (0, 1)]:
+    trained = [tmp_path / f"runs/{k}/seed{s}" for k in ("lora", "dynmole") for s in (0, 1)]
+    for folder in [tmp_path / "runs/base"] + trained:
         predictions = json.loads((folder / "predictions.json").read_text())
         result = json.loads((folder / "result.json").read_text())
         assert "predictions" not in result["eval"] and list(predictions) == ["arc_e", "boolq"]
@@ -133,7 +135,8 @@ def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsy
     claims = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
               if line.startswith("| DynMoLE beats LoRA")]
     assert [row[3] for row in claims] == ["acc_norm", "acc"]
-    assert len([line for line in verdicts.splitlines() if line.startswith("| DynMoLE beats LoRA | DynMoLE | LoRA |")]) == 1
+    assert len([line for line in verdicts.splitlines()
+                if line.startswith("| DynMoLE beats LoRA | DynMoLE | LoRA |")]) == 1
     for row in claims:
         metric = row[3]
         assert row[1:3] == ["DynMoLE", "LoRA"] and row[4:6] == ["2 / 2", "12"]
@@ -175,7 +178,8 @@ def test_dry_run_prints_plan_without_running(tmp_path, toy_inputs, capsys):
 
 
 def test_settings_precedence_and_errors(tmp_path):
-    overrides = reproduce.parse_assignments(["r=3", "peft.r=9", "entropy_coef=0.5", "target_modules=up_proj,down_proj"])
+    overrides = reproduce.parse_assignments(["r=3", "peft.r=9", "entropy_coef=0.5",
+                                             "target_modules=up_proj,down_proj"])
     assert overrides == {"r": 3, "peft.r": 9, "entropy_coef": 0.5, "target_modules": ["up_proj", "down_proj"]}
     variants = [VARIANTS[k] for k in ("lora", "dynmole-noent", "dynmole")]
     specs = reproduce.plan(PROFILES["tiny"], variants, [0], overrides, tmp_path, eval_base=False)
@@ -212,7 +216,7 @@ def _trainable_on_smollm2_shape(method, fields):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dynmole import MoLEConfig
-    from dynmole.train import adapt_model
+    from dynmole.adapters import adapt_model
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
@@ -239,7 +243,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, toy_inputs, capsy
     argv = ["--profile", "tiny", "--methods", "dynmole", "--seeds", "0", "--output-dir", str(tmp_path),
             "--set", "save_steps=1", "--set", "eval_base=false"]
     failing = {"left": 1}
-    evaluate = reproduce._evaluate
+    evaluate = grid.evaluate_model
 
     def crash_once(*args, **kwargs):
         if failing["left"]:
@@ -247,7 +251,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, toy_inputs, capsy
             raise RuntimeError("killed after training")
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(reproduce, "_evaluate", crash_once)
+    monkeypatch.setattr(grid, "evaluate_model", crash_once)
     assert reproduce.main(argv, inputs=toy_inputs) == 1
     run = tmp_path / "runs/dynmole/seed0"
     assert (run / "checkpoint-3" / "trainer_state.json").is_file() and not (run / "result.json").exists()

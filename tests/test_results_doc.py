@@ -6,7 +6,7 @@ import pytest
 
 from dynmole.analysis import RunRecord, group_by_variant
 from dynmole.analysis.tables import comparison_table
-from dynmole.reproduce_profiles import VARIANTS
+from dynmole.experiments.profiles import VARIANTS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RUNS = DOCS / "results" / "mini" / "runs"
@@ -29,7 +29,8 @@ def test_committed_runs_give_the_published_table(metric):
 
 
 def test_results_md_quotes_the_committed_averages():
-    rows = {line.split("|")[1].strip(): line for line in comparison_table(group_by_variant(_grid_records())).splitlines()
+    table = comparison_table(group_by_variant(_grid_records()))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
     text = (DOCS / "results.md").read_text()
     text = text[text.index("# Results: the `mini` profile"):]  # the mini section (the cpu grid leads the page)

@@ -20,7 +20,9 @@ SCRIPT = textwrap.dedent(
     import conftest
     from test_train import _examples
     from dynmole import MoLEConfig
-    from dynmole.train import TrainConfig, adapt_model, train
+    from dynmole.adapters import adapt_model
+    from dynmole.training.config import TrainConfig
+    from dynmole.training.trainer import train
 
     torch.use_deterministic_algorithms(True)
     output_dir, kill_at, resume, kill_in_save = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
@@ -30,7 +32,7 @@ SCRIPT = textwrap.dedent(
             if state.global_step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    import dynmole.train as train_module
+    import dynmole.training.trainer as train_module
     original = train_module.MoLETrainer.__init__
     def with_crash(self, *a, **k):
         k["callbacks"] = list(k.get("callbacks", [])) + [Crash()]
@@ -60,7 +62,8 @@ SCRIPT = textwrap.dedent(
 
 def _run(script, output_dir, kill_at, resume, kill_in_save=False):
     return subprocess.run(
-        [sys.executable, str(script), str(output_dir), str(kill_at), "1" if resume else "0", "1" if kill_in_save else "0"],
+        [sys.executable, str(script), str(output_dir), str(kill_at), "1" if resume else "0",
+         "1" if kill_in_save else "0"],
         capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
 

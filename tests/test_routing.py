@@ -138,7 +138,8 @@ def test_sparsegen_gradient_matches_finite_differences():
     u = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     lam = (torch.rand(3, 1, dtype=torch.float64) * 0.8).requires_grad_()
     weights = torch.randn(3, 5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: (routing.sparsegen(a, b) * weights).sum(), (u, lam), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(lambda a, b: (routing.sparsegen(a, b) * weights).sum(), (u, lam),
+                                    eps=1e-6, atol=1e-5)
 
 
 def test_sparsity_lower_bound_keeps_at_most_k():

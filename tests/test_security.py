@@ -22,7 +22,7 @@ def test_no_pickle_and_safe_torch_load():
 
 
 def test_remote_code_off_by_default():
-    from dynmole.job import JobConfig
+    from dynmole.experiments.job import JobConfig
 
     assert JobConfig().trust_remote_code is False
     text = (SOURCE / "pretrained.py").read_text()

@@ -5,14 +5,16 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig, get_mole_model
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
-from dynmole.evaluate import score_choices
-from dynmole.train import adapt_model
+from dynmole.evaluation import score_choices
 
 EXAMPLES = [
-    Example("s/0", "s", "question : which bird flies ? answer :", (" the blue bird", " a fish", " the cat runs", " ice"), 0),
+    Example("s/0", "s", "question : which bird flies ? answer :",
+            (" the blue bird", " a fish", " the cat runs", " ice"), 0),
     Example("s/1", "s", "fire is", (" hot", " cold and wet"), 0),
-    Example("s/2", "s", "what is the sky ? the sky is blue and the sun is hot . what is", (" water", " the sun", " a dog"), 1),
+    Example("s/2", "s", "what is the sky ? the sky is blue and the sun is hot . what is",
+            (" water", " the sun", " a dog"), 1),
     Example("s/3", "s", "", (" yes", " no no"), 0),  # an empty prompt: the context is one token
     Example("s/4", "s", "the dog", (" runs", " swims", " flies"), 0),
     Example("s/5", "s", "water is wet ? answer :", (" yes", " no"), 0),  # one-token answers share a suffix row

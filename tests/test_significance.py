@@ -215,7 +215,8 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
                         r"77\.5 \[\d+\.\d, \d+\.\d\] \| 1 \| 200 \|", intervals[4]), intervals[4]
 
     markdown = paired_tests_markdown(groups)
-    rows = [line for line in markdown.split("### Verdict per claim")[0].splitlines() if line.startswith("| DynMoLE beats")]
+    rows = [line for line in markdown.split("### Verdict per claim")[0].splitlines()
+            if line.startswith("| DynMoLE beats")]
     # DynMoLE > MoLA and DynMoLE > LoRA (x 2 metrics); no LoRAMoE, so "LoRAMoE beats LoRA" is left out.
     assert len(rows) == 4 and "LoRAMoE" not in markdown
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
@@ -227,8 +228,10 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
     assert mola[11:] == ["0.0", "-", "+0.0"]  # identical predictions: no gap to detect; one seed pair
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
-    verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines() if line.startswith("| DynMoLE beats")]
-    assert verdicts[0].startswith("| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")
+    verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines()
+                if line.startswith("| DynMoLE beats")]
+    assert verdicts[0].startswith(
+        "| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")
     assert verdicts[0].endswith("| not decided: no difference detected; these tests detect 0.0 points with 80 % power "
                                 "| 1.000 / 1.000 |")
     assert verdicts[1].endswith("| supported | < 0.001 / < 0.001 |") and len(verdicts) == 2

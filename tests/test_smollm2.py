@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig
+from dynmole.adapters import adapt_model
 from dynmole.data import load_mixture
 from dynmole.model import find_mole, load_mole_model
 from dynmole.pretrained import load_model_and_tokenizer
-from dynmole.train import TrainConfig, adapt_model, train
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from dynmole import MoLEConfig
+from dynmole.adapters import adapt_model
 from dynmole.data import Example
 from dynmole.data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
-from dynmole.model import find_mole
 from dynmole.errors import DynmoleError
-from dynmole.train import TrainConfig, adapt_model, check_resume_settings, train
+from dynmole.model import find_mole
+from dynmole.training.config import TrainConfig
+from dynmole.training.trainer import check_resume_settings, train
 
 
 def _examples(n=16):
@@ -174,7 +176,7 @@ def _one_step_gradients(tiny_llama, tiny_tokenizer, tmp_path, plain: bool, examp
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from dynmole.train import MoLETrainer, _collator
+    from dynmole.training.trainer import MoLETrainer, _collator
 
     torch.manual_seed(0)
     model = adapt_model(tiny_llama(), "dynmole", MoLEConfig(r=4, alpha=8, dropout=0.0))
@@ -230,7 +232,7 @@ def _sentencepiece_like_tokenizer():
 def test_answer_tokens_come_from_the_whole_text(prompt):
     """Training features and evaluation requests take the answer's tokens from ``prompt + answer``
     tokenised as one text: no stray word-start token, the same tokens in both, BOS once in front."""
-    from dynmole.evaluate import _requests
+    from dynmole.evaluation.requests import _requests
 
     tokenizer = _sentencepiece_like_tokenizer()
     example = Example("t/0", "t", prompt, ("blue" if prompt.endswith(" ") else " blue", " fire hot"), 0)
@@ -244,7 +246,8 @@ def test_answer_tokens_come_from_the_whole_text(prompt):
     answer = feature["labels"][feature["labels"].count(IGNORE_INDEX):]
     assert answer == tokenizer.convert_tokens_to_ids(["▁blue", "</s>"])
     requests = _requests(tokenizer, [example], "cloze")
-    assert [len(r.continuation) for r in requests] == [1, 2] and stray not in sum((r.continuation for r in requests), [])
+    assert [len(r.continuation) for r in requests] == [1, 2]
+    assert stray not in sum((r.continuation for r in requests), [])
     assert requests[0].context + requests[0].continuation == whole
     assert requests[0].context == feature["input_ids"][: -len(answer)]
     assert requests[0].continuation + [tokenizer.eos_token_id] == answer
@@ -255,7 +258,7 @@ def test_answer_tokens_come_from_the_whole_text(prompt):
 def test_word_level_features_are_unchanged(tiny_tokenizer):
     """For a tokenizer that splits at whitespace the features are those of the prompt and the answer
     tokenised apart (as before); so are the evaluation requests."""
-    from dynmole.evaluate import _requests
+    from dynmole.evaluation.requests import _requests
 
     examples = [*_examples(4), Example("t/e", "t", "", (" yes",), 0), Example("t/s", "t", "the sky is ", ("blue",), 0),
                 Example("t/m", "t", "what is the sun ? answer :", (" the sun is hot .", " cold"), 0)]

@@ -10,7 +10,7 @@ from transformers import TrainingArguments
 from dynmole import MoLEConfig, get_mole_model
 from dynmole.data.tokenize import encode_example
 from dynmole.model import find_mole
-from dynmole.train import MoLETrainer, _collator
+from dynmole.training.trainer import MoLETrainer, _collator
 from test_train import _examples
 
 trl = pytest.importorskip("trl", reason="the trl extra: pip install 'dynmole[trl]'")
@@ -49,7 +49,8 @@ def _sft(tiny_llama, tokenizer, features, adapter, config, output_dir, **overrid
     """``trl.SFTTrainer`` on the pre-tokenized ``features`` (their ``labels`` are used as they are),
     from ``peft_config=config``, with the adapter weights of ``adapter``."""
     trainer = trl.SFTTrainer(model=tiny_llama(), peft_config=config, train_dataset=features,
-                             processing_class=tokenizer, args=trl.SFTConfig(output_dir=str(output_dir), **{**ARGS, **overrides}))
+                             processing_class=tokenizer,
+                             args=trl.SFTConfig(output_dir=str(output_dir), **{**ARGS, **overrides}))
     set_peft_model_state_dict(trainer.model, get_peft_model_state_dict(adapter))
     trainer.train()
     return trainer

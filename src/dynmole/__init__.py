@@ -1,11 +1,10 @@
 """dynmole: Mixture of LoRA Experts fine-tuning with dynamic routing."""
 
-__version__ = "0.1.0"
-
-from . import entropy, losses, routing  # noqa: E402
-from .config import METHODS, MoLEConfig  # noqa: E402
-from .layers import MoLELinear  # noqa: E402
-from .model import MoLEModel, get_mole_model, load_mole_model  # noqa: E402
+from . import entropy, losses, routing
+from ._version import __version__
+from .config import METHODS, MoLEConfig
+from .layers import MoLELinear
+from .model import MoLEModel, get_mole_model, load_mole_model
 
 __all__ = [
     "METHODS",

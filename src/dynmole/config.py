@@ -19,7 +19,7 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME, PeftType, TaskType
 
-from . import __version__
+from ._version import __version__
 from .errors import DynmoleError
 from .io import write_json
 from .routing.dynamic import DynamicRouter
@@ -116,7 +116,9 @@ def is_dynmole_adapter_config(data: Any) -> bool:
     return isinstance(data, dict) and data.get("adapter_type") == ADAPTER_TYPE
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def field_help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose ``metadata["help"]`` is ``text``: the help of its command-line option
+    (:mod:`dynmole.options`) and of its config-file key."""
     return field(metadata={"help": text}, **kwargs)
 
 
@@ -126,91 +128,91 @@ class MoLEConfig(PeftConfig):
     method ``DYNMOLE`` (``peft.get_peft_model(model, MoLEConfig(...))`` builds a MoLE model once
     dynmole is imported). ``peft_type`` and ``task_type`` (CAUSAL_LM) are set here."""
 
-    method: str = _help(
+    method: str = field_help(
         "Routing method: loramoe (soft), mola (top-k), topp, dynmole (hybrid), ldmole (sparsegen), remole (ReLU).",
         default="dynmole",
     )
-    num_experts: int | list[int] | str = _help(
+    num_experts: int | list[int] | str = field_help(
         "Experts per adapted module: an int, a per-layer list, or MoLA's layer groups such as '2-4-6-8' "
         "(the depth split into equal groups, lowest first).",
         default=6,
     )
-    r: int = _help("LoRA rank of each expert.", default=24)
-    alpha: float = _help("LoRA alpha; the expert output is scaled by alpha / r.", default=48.0)
-    dropout: float = _help("Dropout on the experts' input.", default=0.05)
-    target_modules: list[str] = _help(
+    r: int = field_help("LoRA rank of each expert.", default=24)
+    alpha: float = field_help("LoRA alpha; the expert output is scaled by alpha / r.", default=48.0)
+    dropout: float = field_help("Dropout on the experts' input.", default=0.05)
+    target_modules: list[str] = field_help(
         "Names (last component) of the linear modules to adapt.",
         default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
     )
-    top_k: int = _help("MoLA: experts per token.", default=2)
-    top_p: float = _help("Top-p / DynMoLE: cumulative probability threshold, in (0, 1].", default=0.75)
-    top_p_mode: str = _help(
+    top_k: int = field_help("MoLA: experts per token.", default=2)
+    top_p: float = field_help("Top-p / DynMoLE: cumulative probability threshold, in (0, 1].", default=0.75)
+    top_p_mode: str = field_help(
         "Top-p rule: 'paper' keeps the expert that crosses p (eq. 7); 'reference' drops it (reference code).",
         default="paper",
     )
-    q: float = _help("DynMoLE: Tsallis entropic index (> 0; 1.0 is Shannon).", default=1.1)
-    entropy_eps: float = _help(
+    q: float = field_help("DynMoLE: Tsallis entropic index (> 0; 1.0 is Shannon).", default=1.1)
+    entropy_eps: float = field_help(
         "DynMoLE: eps added to p inside the Tsallis entropy of the soft/sparse decision and of the entropy loss "
         "(1e-5 = reference code; 0 = the paper's formula). Adapters saved without this field load with 0.",
         default=1e-5,
     )
-    threshold: float = _help(
+    threshold: float = field_help(
         "DynMoLE: normalised-entropy threshold in [0, 1] above which a token is routed soft (1.0: never soft).",
         default=0.9,
     )
-    soft_routing: bool = _help(
+    soft_routing: bool = field_help(
         "DynMoLE: use the soft branch for high-entropy tokens (off = 'DynMoLE (Top-p)').", default=True
     )
-    keep_top_k: int = _help("DynMoLE: minimum number of experts in the sparse branch.", default=2)
-    renormalize: bool = _help(
+    keep_top_k: int = field_help("DynMoLE: minimum number of experts in the sparse branch.", default=2)
+    renormalize: bool = field_help(
         "DynMoLE / Top-p: renormalise the kept gate weights to sum 1 (the reference code does not).",
         default=False,
     )
-    lambda_hidden: int = _help("LD-MoLE: hidden size of the lambda MLP.", default=256)
-    lambda_bias_init: float | None = _help(
+    lambda_hidden: int = field_help("LD-MoLE: hidden size of the lambda MLP.", default=256)
+    lambda_bias_init: float | None = field_help(
         "LD-MoLE: initial value of both lambda-MLP biases (-2.5 = reference code: initial lambda about -1.6); "
         "unset = nn.Linear's default init. Adapters saved without this field load with it unset.",
         default=-2.5,
     )
-    lambda_shared: bool = _help(
+    lambda_shared: bool = field_help(
         "LD-MoLE: one lambda MLP shared across layers (per input width); off = one per module ('local').",
         default=True,
     )
-    sparsity_k: int = _help("LD-MoLE: target number of experts of the sparsity loss.", default=2)
-    sparsity_coef: float = _help("LD-MoLE: sparsity-loss coefficient (our default).", default=1e-2)
-    relu_target_k: float = _help(
+    sparsity_k: int = field_help("LD-MoLE: target number of experts of the sparsity loss.", default=2)
+    sparsity_coef: float = field_help("LD-MoLE: sparsity-loss coefficient (our default).", default=1e-2)
+    relu_target_k: float = field_help(
         "ReMoLE: target mean number of active experts; the L1 coefficient adapts towards it.", default=2.0
     )
-    relu_l1_init: float = _help("ReMoLE: initial L1 coefficient.", default=1e-8)
-    relu_l1_rate: float = _help("ReMoLE: multiplicative update of the L1 coefficient per step.", default=1.2)
-    balance_coef: float | None = _help(
+    relu_l1_init: float = field_help("ReMoLE: initial L1 coefficient.", default=1e-8)
+    relu_l1_rate: float = field_help("ReMoLE: multiplicative update of the L1 coefficient per step.", default=1.2)
+    balance_coef: float | None = field_help(
         "Load-balance loss coefficient alpha (eq. 20); 0 disables it; unset = the method's reference: 1e-3 for "
         "dynmole and topp, 1.0 for ldmole, 0 (no balance loss) for loramoe, mola and remole.",
         default=None,
     )
-    balance_mode: str | None = _help(
+    balance_mode: str | None = field_help(
         "Load-balance loss N * sum_i f_i P_i: 'soft' = f_i mean gate weight, P_i mean softmax (DynMoLE code); "
         "'switch' = f_i fraction of tokens dispatched to i (Switch; Mixtral's loss on top-k routing); 'ldmole' = "
         "f_i share of i among all hard activations, P_i mean gate weight (LD-MoLE code). Unset = the method's "
         "reference: ldmole for ldmole, switch for mola, soft otherwise.",
         default=None,
     )
-    balance_pooling: str | None = _help(
+    balance_pooling: str | None = field_help(
         "Load-balance statistics over modules: 'pooled' = one f.P over all adapted modules' tokens (DynMoLE and "
         "Mixtral code), 'module' = one loss per module, averaged (LD-MoLE code). Unset = the method's reference "
         "(module for ldmole, pooled otherwise). Adapters saved without this field load with 'module'.",
         default=None,
     )
-    entropy_coef: float | None = _help(
+    entropy_coef: float | None = field_help(
         "Tsallis entropy loss coefficient beta (eq. 19); unset = 1e-2 for dynmole, 0 otherwise.", default=None
     )
-    router_init_std: float | None = _help(
+    router_init_std: float | None = field_help(
         "Router initialisation: a number = normal with this std; unset = the method's reference: nn.Linear's "
         "kaiming-uniform (a = sqrt(5), bound 1/sqrt(d_in)) for dynmole, topp, loramoe, mola and ldmole, "
         "normal std 0.02 for remole.",
         default=None,
     )
-    router_dropout: bool | None = _help(
+    router_dropout: bool | None = field_help(
         "Feed the dropout-applied input (the experts' input) to the router and LD-MoLE's lambda MLP; unset = the "
         "method's reference (on for ldmole, off otherwise). Adapters saved without this field load with it off.",
         default=None,
@@ -220,7 +222,8 @@ class MoLEConfig(PeftConfig):
         if self.peft_type not in (None, PEFT_TYPE):
             raise DynmoleError(f"a MoLEConfig has peft_type {PEFT_TYPE.value}, got {self.peft_type!r}")
         if self.task_type not in (None, TaskType.CAUSAL_LM):
-            raise DynmoleError(f"MoLE adapts causal language models: task_type must be CAUSAL_LM, got {self.task_type!r}")
+            raise DynmoleError("MoLE adapts causal language models: task_type must be CAUSAL_LM, "
+                               f"got {self.task_type!r}")
         self.peft_type, self.task_type = PEFT_TYPE, TaskType.CAUSAL_LM
         super().__post_init__()
         if isinstance(self.target_modules, str):
@@ -390,7 +393,8 @@ class MoLEConfig(PeftConfig):
         the behaviour the adapter was trained with (``_LEGACY_VALUES``), not today's defaults."""
         if not is_dynmole_adapter_config(data):
             hint = " (a PEFT adapter: load it with peft.PeftModel)" if "peft_type" in data else ""
-            raise DynmoleError(f"{source} is not a dynmole adapter config: adapter_type={data.get('adapter_type')!r}{hint}")
+            raise DynmoleError(f"{source} is not a dynmole adapter config: "
+                               f"adapter_type={data.get('adapter_type')!r}{hint}")
         data = {key: value for key, value in data.items() if key not in ("adapter_type", "dynmole_version")}
         version = data.pop("format_version", None)
         if not isinstance(version, int) or version > ADAPTER_FORMAT_VERSION:

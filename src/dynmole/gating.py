@@ -14,7 +14,8 @@ from .layers import GateFn, RouteResult
 from .routing import DynamicRouter, LambdaMLP
 
 
-def _plain(rule: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, features: torch.Tensor | None) -> RouteResult:
+def _plain(rule: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor,
+           features: torch.Tensor | None) -> RouteResult:
     return RouteResult(gates=rule(logits))
 
 

@@ -185,7 +185,8 @@ class _AdapterInput(torch.autograd.Function):
                         block_grads[i][1] = out_grad.reshape(-1, out_grad.shape[-1]).sum(0).to(blocks[i][1].dtype)
                 if needs[0]:
                     part = (grad @ weight).to(x.dtype)
-                    input_grads[reads_dropped] = part + input_grads[reads_dropped] if reads_dropped in input_grads else part
+                    earlier = input_grads.get(reads_dropped)
+                    input_grads[reads_dropped] = part if earlier is None else part + earlier
             grad_x = input_grads.get(False)  # None when x needs no gradient
             if True in input_grads:  # through the dropout: times its multiplier
                 through = input_grads[True]

@@ -20,7 +20,8 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME as WEIGHTS_NAME_PICKLED, register_peft_method
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, register_peft_method
+from peft.utils import WEIGHTS_NAME as WEIGHTS_NAME_PICKLED
 from safetensors import SafetensorError
 from torch import distributed as dist
 from torch import nn
@@ -320,7 +321,8 @@ class MoLEModel(BaseTuner):
             self.last_aux_losses = {k: v.detach() for k, v in losses.items()}
             if self.relu_l1_coef is not None:
                 active = losses["active_experts"].detach()
-                self._remole_active_sum = active if self._remole_active_sum is None else self._remole_active_sum + active
+                total = self._remole_active_sum
+                self._remole_active_sum = active if total is None else total + active
                 self._remole_micro_batches += 1
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]

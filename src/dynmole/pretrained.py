@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch import nn
 
 from .errors import DynmoleError
 
@@ -166,7 +168,8 @@ def resolve_model(name_or_path: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, ignore_patterns=["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack"]))
+        skipped = ["*.gguf", "*.onnx", "onnx/*", "*.h5", "*.msgpack"]
+        return Path(snapshot_download(name_or_path, ignore_patterns=skipped))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean the same here
         raise DynmoleError(f"{_not_found(name_or_path)} ({type(err).__name__}: {err})") from None
 
@@ -196,3 +199,9 @@ def load_model_and_tokenizer(
     if device is not None:
         model.to(device)
     return model.eval(), tokenizer
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model`` (or the HF model a MoLE or PEFT wrapper holds) takes ``logits_to_keep``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters

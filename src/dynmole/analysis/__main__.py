@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..training.runs import RESULT_NAME
 from .report import paired_tests_markdown
-from .runs import RESULT_NAME, RunRecord, group_by_variant
+from .runs import RunRecord, group_by_variant
 
 
 def main(argv: Sequence[str] | None = None) -> int:

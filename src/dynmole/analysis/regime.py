@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..io import atomic_write
+from ..training.runs import PROBE_LOG_NAME, RESULT_NAME
 from .plots import plot_by_layer, plot_curves
-from .runs import PROBE_LOG_NAME, RESULT_NAME, RunRecord, layer_index
+from .runs import RunRecord, layer_index
 
 MOST = 0.5
 """``probe_layers_below`` at or above this: most modules route a majority of tokens sparsely."""

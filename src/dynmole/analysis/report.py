@@ -6,13 +6,21 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Mapping, Sequence
 
-from ..evaluate import metric_heading
+from ..evaluation.report import metric_heading
 from ..io import atomic_write
+from ..training.runs import RESULTS_MD_NAME
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
 from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
-from .tables import (comparison_table, interval_table, paired_table, paired_task_table, predictions_by_variant,
-                     time_table, verdict_table)
+from .tables import (
+    comparison_table,
+    interval_table,
+    paired_table,
+    paired_task_table,
+    predictions_by_variant,
+    time_table,
+    verdict_table,
+)
 
 METRICS = ("acc_norm", "acc")
 _Z_ALPHA, _Z_POWER = NormalDist().inv_cdf(1 - ALPHA / 2), NormalDist().inv_cdf(POWER)
@@ -50,7 +58,7 @@ def _by_layer_panels(groups: Mapping[str, Sequence[RunRecord]], key: str) -> dic
 def _mean_loads(records: Sequence[RunRecord]) -> dict[int, list[float]]:
     """Per layer, each expert's load averaged over the seeds."""
     loads = [load_by_layer(r.routing) for r in records]
-    return {layer: [sum(col) / len(loads) for col in zip(*(l[layer] for l in loads))] for layer in loads[0]}
+    return {layer: [sum(col) / len(loads) for col in zip(*(load[layer] for load in loads))] for layer in loads[0]}
 
 
 _PROBE_PLOTS = (
@@ -126,7 +134,8 @@ def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
         f"Verdict: bootstrap p < {ALPHA:g}; not corrected for testing several claims (the Holm p of the "
         "verdict table is). Detectable: the smallest "
         f"true difference these examples and seeds detect with {100 * POWER:g} % power at 5 % "
-        f"(({_Z_ALPHA:.2f} + {_Z_POWER:.2f}) x the bootstrap standard error); examples for this gap: how many evaluation examples, at "
+        f"(({_Z_ALPHA:.2f} + {_Z_POWER:.2f}) x the bootstrap standard error); examples for this gap: how many "
+        "evaluation examples, at "
         "the same disagreement between A and B, would detect the observed difference with that power, were it the "
         "true one (what size would decide the claim). By seed pair: the difference of A's i-th seed against B's "
         "i-th (the bootstrap treats the trained models as fixed, so this column is what shows training-seed "
@@ -166,7 +175,7 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
                     if times else "")
     text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time_section
             + f"## Figures\n\n{figures}\n")
-    return [_write_text(directory / "results.md", text), *plots]
+    return [_write_text(directory / RESULTS_MD_NAME, text), *plots]
 
 
 def ablation_report(points: Mapping[float, Sequence[RunRecord]], directory: str | Path, name: str, xlabel: str,
@@ -178,6 +187,6 @@ def ablation_report(points: Mapping[float, Sequence[RunRecord]], directory: str 
     plot = plot_ablation({v: [100 * r.result["eval"]["average"][metric] for r in rs] for v, rs in points.items()},
                          directory / "plots" / f"ablation-{name}.png", xlabel, f"average {metric} (%)",
                          f"Ablation: {xlabel}", log_x)
-    text = f"# Ablation: {xlabel}\n\n{notes}\n\n## {_heading(groups, metric)}\n\n{comparison_table(groups, metric)}\n" \
-           f"Figure: `{plot.relative_to(directory)}`\n"
+    text = (f"# Ablation: {xlabel}\n\n{notes}\n\n## {_heading(groups, metric)}\n\n"
+            f"{comparison_table(groups, metric)}\nFigure: `{plot.relative_to(directory)}`\n")
     return [_write_text(directory / f"ablation-{name}.md", text), plot]

@@ -89,7 +89,9 @@ def routing_measures(gate_sum: Sequence[float] | np.ndarray, entropy_sum: float,
 
 
 @torch.no_grad()
-def gate_sums(gates: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gate_sums(
+    gates: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sum_t g_t, sum_t H(g_t), T)`` over the valid tokens of ``gates`` (``[..., N]``, non-negative,
     a token's gates need not sum to 1: they are normalised here), as device tensors: adding them
     up batch after batch needs no host sync. ``valid`` (shape ``gates.shape[:-1]``, 1 for a real

@@ -13,11 +13,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from ..config import MoLEConfig
 from ..data import scoring_protocol
 from ..io import atomic_write
+from ..training.runs import LOG_NAME, PREDICTIONS_NAME, PROBE_LOG_NAME, RESULT_NAME
 
-RESULT_NAME = "result.json"
-LOG_NAME = "log.jsonl"
-PROBE_LOG_NAME = "routing_probe.jsonl"
-PREDICTIONS_NAME = "predictions.json"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -39,7 +36,7 @@ class RunRecord:
 
     @property
     def key(self) -> str | None:
-        """The variant's key (``reproduce_profiles.VARIANTS``), None for runs that do not record it."""
+        """The variant's key (``dynmole.experiments.profiles.VARIANTS``), None for runs that do not record it."""
         return self.result.get("key")
 
     @property
@@ -95,7 +92,8 @@ def write_predictions(directory: str | Path, predictions: Mapping[str, Mapping[s
     """Write a run's per-task predictions (``evaluate_tasks(..., return_predictions=True)``) to
     ``directory/predictions.json`` atomically: compact JSON, one line per task."""
     path = Path(directory) / PREDICTIONS_NAME
-    lines = [f"{json.dumps(task)}: {json.dumps(dict(lists), separators=(',', ':'))}" for task, lists in predictions.items()]
+    lines = [f"{json.dumps(task)}: {json.dumps(dict(lists), separators=(',', ':'))}"
+             for task, lists in predictions.items()]
     text = "{\n" + ",\n".join(lines) + "\n}\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path

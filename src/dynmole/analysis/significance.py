@@ -42,7 +42,7 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("ldmole", "mola", "LD-MoLE (shared) beats MoLA (top-2)"),
 )
 """The papers' claims as (A variant key, B variant key, claim): each says A is more accurate than B
-(keys of ``dynmole.reproduce_profiles.VARIANTS``, or ``base`` for the zero-shot model, the premise
+(keys of ``dynmole.experiments.profiles.VARIANTS``, or ``base`` for the zero-shot model, the premise
 that fine-tuning helps at all at the grid's budget). The hybrid-routing row compares DynMoLE (-)
 with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing rule (soft
 routing when the router's entropy is high, and at least 2 experts, against plain top-p with at
@@ -333,7 +333,8 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> McNemar:
 
 def _paired_difference(observed: float, draws: np.ndarray, examples: int, confidence: float) -> PairedDifference:
     low, high = percentile_interval(draws, confidence)
-    return PairedDifference(observed, low, high, bootstrap_p_value(draws, observed), examples, float(draws.std(ddof=1)))
+    p_value = bootstrap_p_value(draws, observed)
+    return PairedDifference(observed, low, high, p_value, examples, float(draws.std(ddof=1)))
 
 
 def _aligned(a_runs: Sequence[Predictions], b_runs: Sequence[Predictions], metric: str,

@@ -6,10 +6,17 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from ..job import ALL_TASKS
+from ..data import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
-from .significance import (Interval, PairedComparison, PairedDifference, Predictions, accuracy_intervals,
-                           claim_verdict, holm_adjusted)
+from .significance import (
+    Interval,
+    PairedComparison,
+    PairedDifference,
+    Predictions,
+    accuracy_intervals,
+    claim_verdict,
+    holm_adjusted,
+)
 
 
 def mean_std_cell(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:

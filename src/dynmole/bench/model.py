@@ -297,6 +297,12 @@ def run_model_bench(
     reps: int,
     log: Callable[[str], None] = print,
 ) -> tuple[list[Row], dict[str, Any]]:
+    """The ``model`` section's rows and facts: training step, eval forward, generation and memory of PEFT
+    LoRA against DynMoLE on one base model.
+
+    One function on purpose (over 60 lines): its four commented blocks share the two models built once
+    at the top, and reading them in order shows what each measurement runs before it.
+    """
     dtype = DTYPES[dtype_name]
     log(f"[model] loading {model_name}")
     base, description = load_base_model(model_name, dtype, device)

@@ -66,7 +66,8 @@ TARGETS = (
     Target("DynMoLE layer fwd+bwd at d=4096 T=512 N=6 r=16", 1.10,
            _layer(4096, "fwd+bwd", "mole_dynmole", T=512, N=6, r=16)),
     Target("LD-MoLE layer fwd+bwd at SmolLM2's width d=576", 1.15, _layer(576, "fwd+bwd", "mole_ldmole")),
-    Target("decode: greedy generate with KV cache, time per token", 1.10, _scenario("model", "generate", "mole_dynmole")),
+    Target("decode: greedy generate with KV cache, time per token", 1.10,
+           _scenario("model", "generate", "mole_dynmole")),
     Target("training memory: what the step adds (peak minus before)", 1.05,
            _scenario("memory", "peak minus memory before the step", "mole_dynmole")),
     Target("training memory: peak", 1.10, _scenario("memory", ": peak (", "mole_dynmole")),
@@ -94,7 +95,8 @@ def format_targets(checks: Sequence[dict[str, Any]]) -> str:
         return ""
     lines = ["== targets: ratio to PEFT LoRA (median of the paired ratios; met = median <= target)"]
     for check in checks:
-        spread = f" [{_fmt(check['ratio_q1'], 3)}, {_fmt(check['ratio_q3'], 3)}]" if check["ratio_q1"] is not None else ""
+        quartiles = check["ratio_q1"] is not None
+        spread = f" [{_fmt(check['ratio_q1'], 3)}, {_fmt(check['ratio_q3'], 3)}]" if quartiles else ""
         floor = f"  FLOP floor {check['floor']:.3f}" if check["floor"] is not None else ""
         lines.append(
             f"{check['target']:<58} <= {check['limit']:.2f}  measured {check['ratio']:.3f}{spread}{floor}  "
@@ -131,18 +133,21 @@ def format_table(rows: Sequence[Row]) -> str:
         if "examples_per_s" in extra:
             notes.append(f"examples/s={extra['examples_per_s']:.2f}")
         if "head_positions_share" in extra:
-            notes.append(f"padding={100 * extra['padding_share']:.0f}% LM-head positions={100 * extra['head_positions_share']:.0f}%")
+            notes.append(f"padding={100 * extra['padding_share']:.0f}% "
+                         f"LM-head positions={100 * extra['head_positions_share']:.0f}%")
         for key, label in (("max_abs_loss_delta", "loss"), ("max_abs_loglik_delta", "loglik")):
             if key in extra:
                 notes.append(f"max|d {label}| vs first={extra[key]:.2e}")
         if "x_base" in extra:
             notes.append(f"x base={extra['x_base']:.3f}")
         if "floor_mole_over_base" in extra:
-            notes.append(f"(FLOP floor x base={extra['floor_mole_over_base']:.3f}, x LoRA={extra['floor_mole_over_lora']:.3f})")
+            notes.append(f"(FLOP floor x base={extra['floor_mole_over_base']:.3f}, "
+                         f"x LoRA={extra['floor_mole_over_lora']:.3f})")
         if "overhead_vs_stats_off" in extra:
             notes.append(f"stats on/off={extra['overhead_vs_stats_off']:.3f}")
         if "stats_update_share" in extra:
-            notes.append(f"stats update alone={extra['stats_update_ms']:.1f} ms = {100 * extra['stats_update_share']:.2f}%")
+            notes.append(f"stats update alone={extra['stats_update_ms']:.1f} ms = "
+                         f"{100 * extra['stats_update_share']:.2f}%")
         ratio_min = _fmt(extra.get("ratio_min"), 3)
         lines.append(
             f"{row.variant:<28} {row.kind:<12} {median:>11} {_fmt(row.ratio, 3):>7} {spread:>15} {ratio_min:>7}  "

@@ -3,14 +3,14 @@
 One DynMoLE model (SmolLM2-135M, 6 experts of r = 8 on gate/up/down_proj, as ``make demo``;
 ``--quick`` uses a tiny random Llama with a word-level tokenizer and made-up examples), one
 AdamW, and the packaged demo mixture. Each timed call of a training variant is a pass over the
-same examples, one optimizer step per batch, through :meth:`dynmole.train.MoLETrainer.compute_loss`:
+same examples, one optimizer step per batch, through :meth:`dynmole.training.trainer.MoLETrainer.compute_loss`:
 
 * ``a_full_logits_fp32``: the LM head on every position (``answer_logits_only=False``), fp32;
 * ``b_answer_logits_fp32``: the LM head on the answer positions only (the default);
 * ``c_answer_logits_bf16``: (b) under bf16 autocast (``precision=bf16``, the Trainer's autocast);
 * ``d_answer_logits_bf16_grouped``: (c) with the same examples batched by length (``group_by_length``).
 
-Evaluation times :func:`dynmole.evaluate.score_choices` with every choice as a full sequence
+Evaluation times :func:`dynmole.evaluation.score_choices` with every choice as a full sequence
 against the shared-context path (the default). Variants run interleaved in one process
 (:func:`dynmole.bench.timing.interleaved`); ratios are paired against the first variant. The loss of
 (b) and (c), and the log-likelihoods of the shared-context path, are compared with the first
@@ -28,9 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
 from ..data import Example
 from ..data.tokenize import IGNORE_INDEX, AnswerCollator, encode_example
+from ..training.answer_logits import ANSWER_SPAN_KEY, AnswerSpanCollator
 from .layer import mole_config
 from .report import Row, timing_row
 from .timing import interleaved
@@ -103,7 +103,8 @@ def _tiny_examples(count: int, seed: int) -> list[Example]:
     return out
 
 
-def load_assets(size: TrainBenchSize, device: torch.device) -> tuple[nn.Module, Any, list[Example], list[Example], str]:
+def load_assets(size: TrainBenchSize,
+                device: torch.device) -> tuple[nn.Module, Any, list[Example], list[Example], str]:
     """Base model, tokenizer, training and evaluation examples, and a description."""
     train_count = size.batch * size.batches
     if size.model in ("tiny", "tiny-1"):
@@ -152,9 +153,10 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def _trainer(model: nn.Module, device: torch.device, folder: str) -> Any:
     from transformers import TrainingArguments
 
-    from ..train import MoLETrainer
+    from ..training.trainer import MoLETrainer
 
-    args = TrainingArguments(output_dir=folder, use_cpu=device.type == "cpu", report_to=[], remove_unused_columns=False)
+    args = TrainingArguments(output_dir=folder, use_cpu=device.type == "cpu", report_to=[],
+                             remove_unused_columns=False)
     trainer = MoLETrainer(model=model, args=args)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop otherwise
     return trainer
@@ -241,7 +243,7 @@ def run_eval_variants(
     log: Callable[[str], None], batch_size: int = 16,
 ) -> list[Row]:
     """Rows of :func:`score_choices` with and without the shared context, fp32."""
-    from ..evaluate import score_choices
+    from ..evaluation import score_choices
 
     def scores(share: bool) -> list[float]:
         kwargs = {} if share else {"share_context": False}

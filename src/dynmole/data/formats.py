@@ -69,7 +69,8 @@ def _arc(example: Example, labelled: Labelled) -> str:
 def _piqa(example: Example, labelled: Labelled) -> str:
     """MoE-PEFT's PIQA prompt, which ends with ``"Correct solution:"`` instead of ``"Answer:"``."""
     return ("Below is a common task along with two possible solutions labeled (A) and (B). Please select the "
-            f"appropriate solution to achieve the task:\n{_question(example)}\n{_lines(labelled)}\n\nCorrect solution:")
+            f"appropriate solution to achieve the task:\n{_question(example)}\n{_lines(labelled)}\n\n"
+            "Correct solution:")
 
 
 def _siqa(example: Example, labelled: Labelled) -> str:

@@ -111,7 +111,8 @@ def contained_answer_pairs(answers_of: Sequence[Example], prompts_of: Sequence[E
         if len(words) < min_words:
             continue
         inner = words[1:-1]
-        candidates = set.intersection(*(holding.get(word, set()) for word in inner)) if inner else range(len(prompts_of))
+        everyone = range(len(prompts_of))
+        candidates = set.intersection(*(holding.get(word, set()) for word in inner)) if inner else everyone
         pairs.update((i, j) for j in candidates
                      if prompts_of[j] is not example and answer in prompts_of[j].prompt)
     return pairs

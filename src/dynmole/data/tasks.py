@@ -249,6 +249,9 @@ TASKS: dict[str, TaskSpec] = {
 }
 """The nine benchmarks by registry name."""
 
+ALL_TASKS = ["arc_e", "arc_c", "boolq", "obqa", "piqa", "siqa", "hellaswag", "winogrande", "rte"]
+"""The task list: the nine benchmarks in the papers' table order (the default tasks of a job)."""
+
 
 class UnknownTaskError(KeyError, DynmoleError):
     """A task name that is not in ``TASKS``; the message lists the known names."""

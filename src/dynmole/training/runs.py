@@ -16,14 +16,24 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import DynmoleError
-from .io import atomic_write, ensure_writable_dir
+from ..errors import DynmoleError
+from ..io import atomic_write, ensure_writable_dir
 
 logger = logging.getLogger(__name__)
 
-LOG_FILES = ("log.jsonl", "routing_probe.jsonl")
-FINAL_OUTPUTS = ("adapter", "results.json", "results.md")
+# The file names of a run folder: the one place they are spelled.
+ADAPTER_NAME = "adapter"  # the final adapter's folder
+LOG_NAME = "log.jsonl"  # the Trainer's log records (JsonlLogger)
+PROBE_LOG_NAME = "routing_probe.jsonl"  # the routing probe's records (RoutingProbe)
+RESULTS_NAME = "results.json"  # `dynmole run`: the evaluations and their settings
+RESULTS_MD_NAME = "results.md"  # `dynmole run`: the same as tables
+RESULT_NAME = "result.json"  # a `dynmole reproduce` run: its evaluation and settings (marks it done)
+PREDICTIONS_NAME = "predictions.json"  # a `dynmole reproduce` run: per-example predictions
+ERROR_NAME = "error.txt"  # a failed `dynmole reproduce` run: its traceback
 STATE_NAME = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+CHECKPOINT_GLOB = "checkpoint-*"
+LOG_FILES = (LOG_NAME, PROBE_LOG_NAME)
+FINAL_OUTPUTS = (ADAPTER_NAME, RESULTS_NAME, RESULTS_MD_NAME)
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -72,7 +82,7 @@ def run_files(output_dir: str | Path) -> list[str]:
     """The names of the run files (see the module docstring) in ``output_dir``, sorted."""
     folder = Path(output_dir)
     named = [name for name in (*FINAL_OUTPUTS, *LOG_FILES) if (folder / name).exists()]
-    return sorted(named + [p.name for p in folder.glob("checkpoint-*") if checkpoint_step(p) is not None])
+    return sorted(named + [p.name for p in folder.glob(CHECKPOINT_GLOB) if checkpoint_step(p) is not None])
 
 
 def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .job import ALL_TASKS
+from ..data import ALL_TASKS
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Variant:
     Attributes:
         key: folder name and ``--methods`` name.
         name: the row label, as the papers write it.
-        method: a ``dynmole.train.ALL_METHODS`` name.
+        method: a ``dynmole.adapters.ALL_METHODS`` name.
         overrides: ``MoLEConfig`` fields that define the variant; they win over profile and
             ``--set`` values, so a row always means what its name says.
     """
@@ -196,7 +196,8 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "regime",
             "The routing-regime study (docs/regime.md): DynMoLE-style runs on SmolLM2-135M long enough to see "
-            "whether the routers leave uniform: the 6 short-prompt tasks of `cpu`, 400 training examples per task, 200 steps of batch 8, "
+            "whether the routers leave uniform: the 6 short-prompt tasks of `cpu`, 400 training examples per task, "
+            "200 steps of batch 8, "
             "bf16 autocast, a routing probe on 32 held-out examples every 20 steps, 64 evaluation examples "
             "per task; sweep lr, router_lr_scale, entropy_coef and router_init_std with --set / --ablation.",
             {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": 400,
@@ -210,7 +211,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "tiny",
             "For tests: a few steps on a handful of examples with 4 experts of rank 2; pass a tiny "
-            "model through dynmole.reproduce.main(..., inputs=...).",
+            "model through dynmole.experiments.reproduce.main(..., inputs=...).",
             {"tasks": ["arc_e", "boolq"], "train_limit": 8, "eval_limit": 8, "eval_batch_size": 16, "num_experts": 4,
              "r": 2, "alpha": 4.0, "dropout": 0.0, "lambda_hidden": 8, "lr": 1e-2, "warmup_ratio": 0.0,
              "max_steps": 3, "batch_size": 4, "cutoff_len": 64, "logging_steps": 1, "report_to": "none"},

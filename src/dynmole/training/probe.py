@@ -24,11 +24,11 @@ from typing import Any, Sequence
 import torch
 from transformers import TrainerCallback
 
-from .analysis.runs import PROBE_LOG_NAME
-from .data.example import Example
-from .data.formats import format_examples
-from .data.tokenize import AnswerCollator, encode_example
-from .model import MoLEModel
+from ..data.example import Example
+from ..data.formats import format_examples
+from ..data.tokenize import AnswerCollator, encode_example
+from ..model import MoLEModel
+from .runs import PROBE_LOG_NAME
 
 _PROBE_KEYS = ("entropy", "mean_experts", "soft_fraction", "high_entropy_fraction")
 

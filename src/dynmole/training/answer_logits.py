@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data.tokenize import IGNORE_INDEX
-from .evaluate import _accepts_logits_to_keep
+from ..adapters import unwrap
+from ..data.tokenize import IGNORE_INDEX
+from ..pretrained import accepts_logits_to_keep
 
 ANSWER_SPAN_KEY = "answer_positions"
 """The batch key :class:`AnswerSpanCollator` adds (removed again before the model is called)."""
@@ -128,7 +129,7 @@ def can_use_answer_logits(trainer: Any, model: nn.Module, inputs: dict[str, Any]
         and "labels" in inputs
         and trainer.label_smoother is None
         and trainer.compute_loss_func is None
-        and _accepts_logits_to_keep(_unwrap(model))
+        and accepts_logits_to_keep(unwrap(model))
     )
 
 
@@ -140,7 +141,8 @@ def token_average_scale(trainer: Any, num_items_in_batch: torch.Tensor | int | N
     number of data-parallel processes (``n_gpu`` under ``DataParallel``).
     """
     args = trainer.args
-    if not (args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs and num_items_in_batch is not None):
+    counted = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    if not (args.average_tokens_across_devices and counted):
         return 1
     if args.n_gpu > 1:
         return args.n_gpu
@@ -165,7 +167,7 @@ def answer_lm_loss(
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
-    keep = logits_to_keep(positions, labels.device, takes_position_masks(_unwrap(model)))
+    keep = logits_to_keep(positions, labels.device, takes_position_masks(unwrap(model)))
     outputs = model(**inputs, logits_to_keep=keep)
     if torch.is_tensor(keep) and outputs.logits.dim() != 2:
         raise RuntimeError(
@@ -178,10 +180,3 @@ def answer_lm_loss(
     if scale != 1:
         loss = loss * scale
     return (loss, outputs) if return_outputs else loss
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DeepSpeed wrappers (which keep it in ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import Example
-from .errors import DynmoleError
-from .io import atomic_write
+from ..data import Example
+from ..errors import DynmoleError
+from ..io import atomic_write
 
 INSTALL_HINT = "pip install 'dynmole[harness]' (lm-eval)"
 _METRICS = ("acc", "acc_norm")
