@@ -1,4 +1,4 @@
-"""The training API in one namespace, as the README and earlier versions name it
+"""The training API in one namespace, as docs/library.md and earlier versions name it
 (``dynmole.train.train``, ``dynmole.train.TrainConfig``, ``dynmole.train.ReMoLECoefficientCallback``).
 
 The code lives in :mod:`dynmole.training` and :mod:`dynmole.adapters`; this module only re-exports it.
