@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from dynmole import MoLEConfig
@@ -129,3 +130,19 @@ def test_regime_study_table_and_plots(tmp_path, capsys):
     assert (tmp_path / "out" / "plots" / "regime_entropy.png").stat().st_size > 0
     assert regime.main([str(tmp_path / "out" / "plots")]) == 2
     assert "error: no finished run" in capsys.readouterr().err
+
+
+def test_summarize_probe_counts_collapsed_and_specialised_modules():
+    """A collapsed module (busiest share >= 0.9) is not counted as specialised however input-dependent;
+    the measures average over the modules that have them."""
+    base = {"entropy": 0.5, "mean_experts": 2.0, "soft_fraction": 0.0, "high_entropy_fraction": 0.0,
+            "load": [0.5, 0.5]}
+    modules = {
+        "collapsed": {**base, "busiest_share": 0.95, "load_entropy": 0.2, "input_dependence": 0.3},
+        "specialised": {**base, "busiest_share": 0.4, "load_entropy": 0.9, "input_dependence": 0.5},
+        "uniform": {**base, "busiest_share": 0.5, "load_entropy": 1.0, "input_dependence": 0.1},
+    }
+    summary = summarize_probe(modules)
+    assert summary["probe_collapsed"] == pytest.approx(1 / 3) and summary["probe_specialised"] == pytest.approx(1 / 3)
+    assert summary["probe_input_dependence"] == pytest.approx(0.3)
+    assert summary["probe_load_entropy"] == pytest.approx(0.7)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dynmole.analysis.routing_measures import (
+from dynmole.routing_measures import (
     busiest_share,
     gate_sums,
     input_dependence,
@@ -67,3 +67,36 @@ def test_load_vectors_are_checked():
         busiest_share([0, 0])
     with pytest.raises(ValueError, match="one token"):
         input_dependence([1, 1], 0.0, 0)
+
+
+def _record(gates):
+    from dynmole.layers import RouteResult, RoutingRecord
+
+    return RoutingRecord("m", torch.zeros(gates.shape), RouteResult(gates=gates))
+
+
+def test_routing_stats_report_the_measures_and_leave_tokens_without_gates_out():
+    """``RoutingStats`` accumulates the measures' sums on the device: a collapsed router reads as
+    collapsed (busiest share 1, input dependence 0) where experts per token and entropy say little,
+    and a ReMoLE token with no active expert changes none of the three."""
+    from dynmole.stats import RoutingStats
+
+    collapsed = torch.zeros(1, 4, 3)
+    collapsed[..., 0] = 1.0
+    stats = RoutingStats()
+    stats.update([_record(collapsed)], None)
+    summary = stats.summary()["m"]
+    assert summary["busiest_share"] == pytest.approx(1.0) and summary["input_dependence"] == pytest.approx(0.0)
+    assert summary["load_entropy"] == pytest.approx(0.0)
+
+    one_hot = torch.eye(3).unsqueeze(0)  # three tokens, each to its own expert
+    stats.reset()
+    stats.update([_record(one_hot)], None)
+    reference = stats.summary()["m"]
+    assert reference["input_dependence"] == pytest.approx(1.0) and reference["load_entropy"] == pytest.approx(1.0)
+    stats.reset()
+    stats.update([_record(torch.cat([one_hot, torch.zeros(1, 2, 3)], dim=1))], None)  # two tokens without gates
+    with_empty = stats.summary()["m"]
+    for name in ("busiest_share", "load_entropy", "input_dependence"):
+        assert with_empty[name] == pytest.approx(reference[name]), name
+    assert with_empty["tokens"] == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -10,6 +11,7 @@ import torch
 from .entropy import tsallis_entropy
 from .layers import RoutingRecord
 from .losses import token_weights
+from .routing_measures import gate_sums, routing_measures
 
 
 @dataclass
@@ -19,7 +21,9 @@ class _ModuleTotals:
     entropy: torch.Tensor
     soft: torch.Tensor
     high_entropy: torch.Tensor
-    load: torch.Tensor
+    load: torch.Tensor  # sum over tokens of each token's gates normalised to sum 1
+    gate_entropy: torch.Tensor  # sum over tokens of the Shannon entropy of those normalised gates
+    routed: torch.Tensor  # tokens with any gate mass (ReMoLE's can have none)
     histogram: torch.Tensor  # tokens by number of active experts (0..N)
 
 
@@ -27,7 +31,8 @@ class _ModuleTotals:
 class RoutingStats:
     """Per adapted module: experts active per token, router entropy (normalised Shannon and
     Tsallis), share of tokens DynMoLE routed soft, and each expert's load (share of the gate
-    mass). Padding tokens never count.
+    mass), and from these the measures of :mod:`dynmole.routing_measures`: the busiest expert's
+    load share, the load entropy and the input dependence of the gates. Padding tokens never count.
 
     ``high_entropy_fraction`` is the share of tokens whose normalised Tsallis entropy exceeds
     ``threshold`` (DynMoLE's soft-routing threshold, eq. 17), for every method: it says how far a
@@ -50,7 +55,7 @@ class RoutingStats:
             active = (gates > 0).sum(dim=-1)
             soft = record.route.soft_branch
             soft = soft.reshape(-1).float() if soft is not None else torch.zeros_like(valid)
-            mass = gates / gates.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            load, gate_entropy, routed = gate_sums(gates, valid)
             num_experts = probs.shape[-1]
             entropy = tsallis_entropy(probs, q=self.q, eps=self.eps)
             update = _ModuleTotals(
@@ -59,7 +64,9 @@ class RoutingStats:
                 entropy=(entropy * valid).sum(),
                 soft=(soft * valid).sum(),
                 high_entropy=((entropy > self.threshold).float() * valid).sum(),
-                load=(mass * valid.unsqueeze(-1)).sum(dim=0),
+                load=load,
+                gate_entropy=gate_entropy,
+                routed=routed,
                 histogram=torch.zeros(num_experts + 1, device=valid.device).index_add_(0, active, valid),
             )
             previous = self.totals.get(record.module)
@@ -71,8 +78,8 @@ class RoutingStats:
 
     def summary(self) -> dict[str, dict]:
         """Per module: ``tokens``, ``mean_experts``, ``entropy``, ``soft_fraction``,
-        ``high_entropy_fraction``, ``load``
-        (fractions summing to 1) and ``experts_histogram``. This reads the device (one sync)."""
+        ``high_entropy_fraction``, ``load`` (fractions summing to 1), ``busiest_share``,
+        ``load_entropy``, ``input_dependence`` and ``experts_histogram``. This reads the device (one sync)."""
         out: dict[str, dict] = {}
         for module, t in self.totals.items():
             tokens = max(float(t.tokens), 1.0)
@@ -84,6 +91,16 @@ class RoutingStats:
                 "soft_fraction": float(t.soft) / tokens,
                 "high_entropy_fraction": float(t.high_entropy) / tokens,
                 "load": [float(v) / load_total for v in t.load.tolist()],
+                **_measures(t),
                 "experts_histogram": [int(v) for v in t.histogram.tolist()],
             }
         return out
+
+
+def _measures(totals: _ModuleTotals) -> dict[str, float | None]:
+    """The module's :func:`~dynmole.routing_measures.routing_measures`; None where no token carried gate mass."""
+    load = totals.load.tolist()
+    if sum(load) <= 0 or len(load) < 2:
+        return {"busiest_share": None, "load_entropy": None, "input_dependence": None}
+    measures = routing_measures(load, float(totals.gate_entropy), float(totals.routed))
+    return dataclasses.asdict(measures)

@@ -6,7 +6,10 @@ sees them), collects :class:`~dynmole.stats.RoutingStats`, and
 
 * adds model-wide means to the training log (``probe_entropy``, ``probe_experts``,
   ``probe_soft_fraction``, ``probe_high_entropy_fraction``, ``probe_layers_below``, and
-  ``probe_max_load``: the busiest expert's share of the gate mass, 1/N when balanced);
+  ``probe_max_load``: the busiest expert's share of the gate mass, 1/N when balanced; the measures
+  of :mod:`dynmole.routing_measures`: ``probe_load_entropy``, ``probe_input_dependence``, and the
+  shares of modules whose router has collapsed or specialises, ``probe_collapsed`` and
+  ``probe_specialised``);
 * appends the per-module statistics to ``routing_probe.jsonl`` in the output folder, one record
   per probe, so curves per layer can be drawn afterwards.
 
@@ -28,9 +31,11 @@ from ..data.example import Example
 from ..data.formats import format_examples
 from ..data.tokenize import AnswerCollator, encode_example
 from ..model import MoLEModel
+from ..routing_measures import collapsed, specialises
 from .runs import PROBE_LOG_NAME
 
 _PROBE_KEYS = ("entropy", "mean_experts", "soft_fraction", "high_entropy_fraction")
+_MEASURE_KEYS = ("busiest_share", "load_entropy", "input_dependence")
 
 
 def summarize_probe(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -40,6 +45,16 @@ def summarize_probe(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
         return {}
     mean = {key: sum(m[key] for m in modules) / len(modules) for key in _PROBE_KEYS}
     below = sum(m["high_entropy_fraction"] < 0.5 for m in modules) / len(modules)
+    measured = [m for m in modules if m.get("busiest_share") is not None]
+    routing = {}
+    if measured:
+        count = len(measured)
+        routing = {
+            "probe_load_entropy": sum(m["load_entropy"] for m in measured) / count,
+            "probe_input_dependence": sum(m["input_dependence"] for m in measured) / count,
+            "probe_collapsed": sum(collapsed(m["busiest_share"]) for m in measured) / count,
+            "probe_specialised": sum(specialises(m["busiest_share"], m["input_dependence"]) for m in measured) / count,
+        }
     return {
         "probe_max_load": sum(max(m["load"]) for m in modules) / len(modules),
         "probe_entropy": mean["entropy"],
@@ -47,6 +62,7 @@ def summarize_probe(summary: dict[str, dict[str, Any]]) -> dict[str, float]:
         "probe_soft_fraction": mean["soft_fraction"],
         "probe_high_entropy_fraction": mean["high_entropy_fraction"],
         "probe_layers_below": below,
+        **routing,
     }
 
 
@@ -95,7 +111,9 @@ class RoutingProbe(TrainerCallback):
         summary = self.probe()
         self.pending = summarize_probe(summary)
         if state.is_world_process_zero:
-            modules = {name: {**{k: round(v[k], 5) for k in _PROBE_KEYS}, "load": [round(x, 4) for x in v["load"]]}
+            modules = {name: {**{k: round(v[k], 5) for k in _PROBE_KEYS},
+                              **{k: None if v[k] is None else round(v[k], 5) for k in _MEASURE_KEYS},
+                              "load": [round(x, 4) for x in v["load"]]}
                        for name, v in summary.items()}
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": state.global_step, **self.pending, "modules": modules}) + "\n")

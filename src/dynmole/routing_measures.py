@@ -34,6 +34,22 @@ from typing import Sequence
 import numpy as np
 import torch
 
+COLLAPSE_SHARE = 0.9
+"""A module's router has **collapsed** when its busiest expert carries at least this share of the load."""
+SPECIALISE_DEPENDENCE = 0.2
+"""A module's router **specialises** when it has not collapsed and its input dependence is at least this
+(a fifth of the ``log N`` maximum; uniform soft gates give 0, top-2 of 6 experts used equally gives 0.61)."""
+
+
+def collapsed(busiest: float) -> bool:
+    """Whether a module with this busiest-expert share has collapsed (:data:`COLLAPSE_SHARE`)."""
+    return busiest >= COLLAPSE_SHARE
+
+
+def specialises(busiest: float, dependence: float) -> bool:
+    """Whether a module specialises: input-dependent routing that has not collapsed (:data:`SPECIALISE_DEPENDENCE`)."""
+    return not collapsed(busiest) and dependence >= SPECIALISE_DEPENDENCE
+
 
 @dataclass(frozen=True)
 class RoutingMeasures:
@@ -92,12 +108,15 @@ def routing_measures(gate_sum: Sequence[float] | np.ndarray, entropy_sum: float,
 def gate_sums(
     gates: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum_t g_t, sum_t H(g_t), T)`` over the valid tokens of ``gates`` (``[..., N]``, non-negative,
+    """``(sum_t g_t, sum_t H(g_t), T)`` over the valid tokens of ``gates`` that carry gate mass (a
+    ReMoLE token with every gate 0 has no distribution: it adds to none of the three) (``[..., N]``, non-negative,
     a token's gates need not sum to 1: they are normalised here), as device tensors: adding them
     up batch after batch needs no host sync. ``valid`` (shape ``gates.shape[:-1]``, 1 for a real
     token, 0 for padding; default all 1) weights each token."""
     flat = gates.detach().float().reshape(-1, gates.shape[-1])
     weight = torch.ones(flat.shape[0], device=flat.device) if valid is None else valid.reshape(-1).float()
-    g = flat / flat.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    mass = flat.sum(dim=-1, keepdim=True)
+    g = flat / mass.clamp_min(1e-12)
     entropy = -torch.where(g > 0, g * torch.log(g.clamp_min(1e-30)), torch.zeros_like(g)).sum(dim=-1)
-    return (g * weight.unsqueeze(-1)).sum(dim=0), (entropy * weight).sum(), weight.sum()
+    routed = weight * (mass.squeeze(-1) > 0)
+    return (g * weight.unsqueeze(-1)).sum(dim=0), (entropy * weight).sum(), routed.sum()
