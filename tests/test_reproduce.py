@@ -148,7 +148,7 @@ def test_grid_keeps_predictions_and_tests_the_claims(tmp_path, toy_inputs, capsy
         low, high = (float(x) for x in re.fullmatch(r"\[([+-]\d+\.\d), ([+-]\d+\.\d)\]", row[7]).groups())
         assert low <= float(row[6]) <= high
         p = 0.0 if row[8] == "< 0.001" else float(row[8])
-        assert row[10] == ("no difference detected at 5 %" if p >= 0.05 else
+        assert row[12] == ("no difference detected at 5 %" if p >= 0.05 else
                            "DynMoLE > LoRA" if expected > 0 else "LoRA > DynMoLE")
     assert "| DynMoLE vs LoRA | acc_norm |" in verdicts  # the per-task table, after the verdicts
     paired = "## Paired tests" + section.split("## Figures", 1)[0].rstrip("\n") + "\n"

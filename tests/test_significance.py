@@ -192,6 +192,7 @@ def _write_run(root, key, name, seed, predictions):
         tasks[t]["n"] = len(predictions[t]["id"])
     average = {m: float(np.mean([v[m] for v in tasks.values()])) for m in ("acc", "acc_norm")}
     result = {"variant": name, "key": key, "seed": seed, "trainable_params": 1000, "routing": {},
+              "train": {} if key == "base" else {"max_steps": 10},
               "eval": {"tasks": tasks, "average": average, "scoring": "cloze"}}
     (directory / "result.json").write_text(json.dumps(result))
     write_predictions(directory, predictions)
@@ -221,17 +222,18 @@ def test_report_writes_intervals_and_paired_tests(tmp_path):
     assert len(rows) == 4 and "LoRAMoE" not in markdown
     cells = [c.strip() for c in rows[2].strip("|").split("|")]
     assert cells[:6] == ["DynMoLE beats LoRA", "DynMoLE", "LoRA", "acc_norm", "2 / 2", "200"]
-    assert cells[6] == "+35.0" and cells[8] == "< 0.001" and cells[10] == "DynMoLE > LoRA"
-    assert 0 < float(cells[11]) < 35 and 0 < int(cells[12].replace(",", "")) < 200  # detected with room to spare
+    assert cells[6] == "+35.0" and cells[8] == "< 0.001" and cells[12] == "DynMoLE > LoRA"
+    assert cells[10:12] == ["-", "-"]  # two seeds each: the fixed-model test is the verdict
+    assert 0 < float(cells[13]) < 35 and 0 < int(cells[14].replace(",", "")) < 200  # detected with room to spare
     assert re.fullmatch(r"\[\+\d+\.\d, \+\d+\.\d\]", cells[7])
     mola = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[10] == "no difference detected at 5 %"
-    assert mola[11:] == ["0.0", "-", "+0.0"]  # identical predictions: no gap to detect; one seed pair
+    assert mola[6] == "+0.0" and mola[8] == "1.000" and mola[12] == "no difference detected at 5 %"
+    assert mola[13:] == ["0.0", "-", "+0.0"]  # identical predictions: no gap to detect; one seed pair
     assert "| DynMoLE vs LoRA | acc |" in markdown  # the per-task table
     verdicts = [line for line in markdown.split("### Verdict per claim")[1].splitlines()
                 if line.startswith("| DynMoLE beats")]
     assert verdicts[0].startswith(
-        "| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | +0.0 [+0.0, +0.0] p 1.000 |")
+        "| DynMoLE beats MoLA (top-2) | DynMoLE | MoLA (top-2) | fixed model | +0.0 [+0.0, +0.0] p 1.000 |")
     assert verdicts[0].endswith("| not decided: no difference detected; these tests detect 0.0 points with 80 % power "
                                 "| 1.000 / 1.000 |")
     assert verdicts[1].endswith("| supported | < 0.001 / < 0.001 |") and len(verdicts) == 2
@@ -269,10 +271,11 @@ def test_holm_adjustment_hand_computed():
 def test_verdict_table_adds_holm_p_per_metric():
     from dynmole.analysis.tables import verdict_table
 
-    rows = [("one", _comparison("acc_norm", 0.03, 0.01)), ("one", _comparison("acc", 0.03, 0.04)),
-            ("two", _comparison("acc_norm", 0.01, 0.02)), ("two", _comparison("acc", 0.0, 1.0))]
+    rows = [sig.ClaimTest(claim, _comparison(metric, difference, p)) for claim, metric, difference, p in (
+        ("one", "acc_norm", 0.03, 0.01), ("one", "acc", 0.03, 0.04), ("two", "acc_norm", 0.01, 0.02),
+        ("two", "acc", 0.0, 1.0))]
     lines = verdict_table(rows).splitlines()
-    assert lines[0] == "| claim | A | B | acc_norm | acc | verdict | Holm p (acc_norm / acc) |"
+    assert lines[0] == "| claim | A | B | test | acc_norm | acc | verdict | Holm p (acc_norm / acc) |"
     assert lines[2].endswith("| supported | 0.020 / 0.080 |")  # acc_norm: 2 x 0.01; acc: 2 x 0.04
     assert lines[3].endswith("| supported on acc_norm only | 0.020 / 1.000 |")  # max(0.02, 1 x 0.02)
 
@@ -292,7 +295,8 @@ def test_fine_tuning_is_tested_against_the_zero_shot_base(tmp_path):
     assert len(rows) == 3 and "| supported |" in rows[2]  # acc_norm, acc, then the verdict
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[1:7] == ["LoRA", "Base (zero-shot)", "acc_norm", "2 / 1", "100", "+50.0"]
-    assert cells[10] == "LoRA > Base (zero-shot)"
+    assert cells[12] == "LoRA > Base (zero-shot)"  # fixed model: 1 base seed, no seed-aware test
+    assert cells[10:12] == ["-", "-"]
 
 
 def test_runs_without_predictions_keep_working():
@@ -300,3 +304,47 @@ def test_runs_without_predictions_keep_working():
     assert all(r.predictions() is None for r in records)
     groups = group_by_variant(records)
     assert interval_table(groups) == "" and paired_tests_markdown(groups) == ""
+
+
+def test_three_seeds_each_make_the_seed_aware_test_the_verdict(tmp_path):
+    """With 3 seeds on both sides the seed-aware test is run and followed; seeds that disagree widen
+    its interval beyond the fixed-model one."""
+    n = 100
+    lora = [_write_run(tmp_path, "lora", "LoRA", s, _run({"arc_e": [1] * 50 + [0] * 50})) for s in (0, 1, 2)]
+    dynmole = [_write_run(tmp_path, "dynmole", "DynMoLE", s, _run({"arc_e": [1] * k + [0] * (n - k)}))
+               for s, k in zip((0, 1, 2), (40, 60, 80))]
+    markdown = paired_tests_markdown(group_by_variant([*lora, *dynmole]))
+    row = next(line for line in markdown.splitlines() if line.startswith("| DynMoLE beats LoRA |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "3 / 3" and cells[10] != "-" and cells[11] != "-"
+    fixed_low, fixed_high = map(float, cells[7].strip("[]").split(","))
+    seeds_low, seeds_high = map(float, cells[10].strip("[]").split(","))
+    assert seeds_high - seeds_low > fixed_high - fixed_low
+    verdicts = markdown.split("### Verdict per claim")[1]
+    assert "| DynMoLE beats LoRA | DynMoLE | LoRA | seeds resampled |" in verdicts
+
+
+@pytest.mark.slow
+def test_committed_grid_is_retested_without_its_leaked_winogrande_items():
+    """The committed cpu grid was split with version 1: 119 of its 500 evaluated WinoGrande items have
+    their twin in the training half, and the report tests the claims again without them."""
+    from dynmole.analysis.report import leak_free_tests_markdown, leaked_items
+
+    grid = COMMITTED.parents[1] / "cpu" / "runs"
+    groups = group_by_variant(RunRecord.read(p.parent) for p in sorted(grid.glob("**/result.json")))
+    evaluated = set(RunRecord.read(grid / "lora" / "seed0").predictions()["winogrande"]["id"])
+    leaked = leaked_items(groups)
+    assert len(leaked & evaluated) == 119 and all(i.startswith("winogrande/") for i in leaked & evaluated)
+    section = leak_free_tests_markdown(groups)
+    assert section.startswith("## Paired tests without the leaked items") and "119 of the evaluated items" in section
+    assert "| DynMoLE beats LoRA |" in section or "| DynMoLE beats MoLA" in section
+
+
+def test_the_zero_shot_base_needs_no_seeds_for_the_seed_aware_test(tmp_path):
+    base = _write_run(tmp_path, "base", "Base (zero-shot)", 0, _run({"arc_e": [1] * 40 + [0] * 60}))
+    lora = [_write_run(tmp_path, "lora", "LoRA", s, _run({"arc_e": [1] * k + [0] * (100 - k)}))
+            for s, k in zip((0, 1, 2), (80, 90, 85))]
+    row = next(line for line in paired_tests_markdown(group_by_variant([base, *lora])).splitlines()
+               if line.startswith("| fine-tuning helps"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "3 / 1" and cells[10] != "-" and cells[12] == "LoRA > Base (zero-shot)"

@@ -10,11 +10,21 @@ predictions, ``tables`` formats the tables, ``plots`` draws each figure from pla
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .report import ablation_report, claim_comparisons, grid_report, paired_tests_markdown, routing_plots
 from .runs import RunRecord, by_layer, group_by_variant, layer_index, load_by_layer, mean_experts, mean_std
-from .significance import CLAIMS, accuracy_intervals, paired_comparison, wilson_interval
+from .significance import (
+    CLAIMS,
+    ClaimTest,
+    HierarchicalComparison,
+    accuracy_intervals,
+    hierarchical_comparison,
+    paired_comparison,
+    wilson_interval,
+)
 from .tables import comparison_table, interval_table, mean_std_cell, paired_table, verdict_table
 
 __all__ = [
     "CLAIMS",
+    "ClaimTest",
+    "HierarchicalComparison",
     "RunRecord",
     "ablation_report",
     "accuracy_intervals",
@@ -23,6 +33,7 @@ __all__ = [
     "comparison_table",
     "grid_report",
     "group_by_variant",
+    "hierarchical_comparison",
     "interval_table",
     "layer_index",
     "load_by_layer",

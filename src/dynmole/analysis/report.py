@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import NormalDist
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
+from ..data.leakage import leaked_eval_ids
+from ..data.split import LEAK_FREE_SPLIT, LEGACY_SPLIT
 from ..evaluation.report import metric_heading
 from ..io import atomic_write
 from ..training.runs import RESULTS_MD_NAME
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .runs import RunRecord, by_layer, load_by_layer
-from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, PairedComparison, paired_comparison
+from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, SEED_AWARE_MIN_SEEDS, ClaimTest, claim_test
 from .tables import (
     comparison_table,
     interval_table,
@@ -108,40 +111,48 @@ def routing_plots(groups: Mapping[str, Sequence[RunRecord]], directory: Path) ->
 
 
 def claim_comparisons(groups: Mapping[str, Sequence[RunRecord]], claims: Sequence[tuple[str, str, str]] = CLAIMS,
-                      metrics: Sequence[str] = METRICS) -> list[tuple[str, PairedComparison]]:
-    """(claim, paired comparison) for each claim and metric whose two variants (by key) both have
-    runs with predictions; the other claims are left out."""
-    runs = predictions_by_variant(groups)
+                      metrics: Sequence[str] = METRICS, exclude: Collection[str] = frozenset()) -> list[ClaimTest]:
+    """The tests (:func:`~dynmole.analysis.significance.claim_test`) of each claim and metric whose two
+    variants (by key) both have runs with predictions, on their examples but those in ``exclude``;
+    the other claims are left out."""
+    runs = predictions_by_variant(groups, exclude)
     names = {groups[name][0].key: name for name in runs if groups[name][0].key}
-    return [(text, paired_comparison(runs[names[a]], runs[names[b]], metric, (names[a], names[b])))
+    untrained = {name: not groups[name][0].result.get("train") for name in runs}
+    return [claim_test(text, runs[names[a]], runs[names[b]], metric, (names[a], names[b]),
+                       (untrained[names[a]], untrained[names[b]]))
             for a, b, text in claims if a in names and b in names for metric in metrics]
 
 
-def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
+def paired_tests_markdown(groups: Mapping[str, Sequence[RunRecord]], exclude: Collection[str] = frozenset()) -> str:
     """The "Paired tests" section of ``results.md``: the claims' table, then the same per task;
-    empty when no claim has both variants with predictions."""
-    rows = claim_comparisons(groups)
+    empty when no claim has both variants with predictions. ``exclude``: evaluation ids left out."""
+    rows = claim_comparisons(groups, exclude=exclude)
     if not rows:
         return ""
     how = (
         "Each row tests one claim of the papers on the same evaluation examples. Difference: A's minus B's "
-        "task-averaged accuracy (each task counts once, as in the tables' average), each example's correctness "
-        "first averaged over the variant's seeds (`seeds A / B` pooled). 95 % interval and p-value: paired "
-        f"bootstrap stratified by task ({rows[0][1].resamples:,} resamples of each task's examples, the same for "
-        f"A and B, seed {SEED}), percentile interval, two-sided p from the bootstrap distribution of the centred "
-        "difference. McNemar p: exact binomial test on the examples only one of A and B got right, pooled over "
-        "tasks and seed pairs (a second opinion). "
-        f"Verdict: bootstrap p < {ALPHA:g}; not corrected for testing several claims (the Holm p of the "
-        "verdict table is). Detectable: the smallest "
-        f"true difference these examples and seeds detect with {100 * POWER:g} % power at 5 % "
-        f"(({_Z_ALPHA:.2f} + {_Z_POWER:.2f}) x the bootstrap standard error); examples for this gap: how many "
-        "evaluation examples, at "
-        "the same disagreement between A and B, would detect the observed difference with that power, were it the "
-        "true one (what size would decide the claim). By seed pair: the difference of A's i-th seed against B's "
-        "i-th (the bootstrap treats the trained models as fixed, so this column is what shows training-seed "
-        "variation). The hybrid-routing row "
-        "compares DynMoLE (-) with DynMoLE (Top-p): both without the entropy loss, so it isolates the routing "
-        "rule (soft routing at high router entropy with at least 2 experts, against top-p with at least 1)."
+        "task-averaged accuracy (each task counts once, as in the tables' average), each example's "
+        "correctness first averaged over the variant's seeds (`seeds A / B` pooled). 95 % interval and "
+        f"p-value: paired bootstrap stratified by task ({rows[0].fixed.resamples:,} resamples of each task's "
+        f"examples, the same for A and B, seed {SEED}), percentile interval, two-sided p from the bootstrap "
+        "distribution of the centred difference: the **fixed-model** test, which holds the trained models "
+        f"fixed. Seeds resampled: where both variants have {SEED_AWARE_MIN_SEEDS} or more seeds (the zero-shot "
+        "base, untrained, needs none), the "
+        "**seed-aware** test, a hierarchical bootstrap that also draws each variant's training seeds with "
+        "replacement (the same draw for every task) before the examples; it is the verdict where it exists, "
+        "and it is wider, since another draw of training seeds moves the difference too. McNemar p: exact "
+        "binomial test on the examples only one of A and B got right, pooled over tasks and seed pairs (a "
+        f"second opinion). Verdict: the seed-aware p (else the fixed-model p) < {ALPHA:g}; not corrected for "
+        "testing several claims (the Holm p of the verdict table is). Detectable: the smallest true "
+        f"difference these examples and seeds detect with {100 * POWER:g} % power at 5 % (({_Z_ALPHA:.2f} + "
+        f"{_Z_POWER:.2f}) x the standard error of the test the verdict follows); examples for this gap: how "
+        "many evaluation examples, at the same disagreement between A and B, would detect the observed "
+        "difference with that power, were it the true one, given only where the observed gap exceeds twice "
+        "its standard error (a smaller gap is no estimate to extrapolate from). By seed pair: the difference "
+        "of A's i-th seed against B's i-th (the fixed-model bootstrap holds the trained models fixed; this "
+        "column shows training-seed variation as it is). The hybrid-routing row compares DynMoLE (-) with DynMoLE "
+        "(Top-p): both without the entropy loss, so it isolates the routing rule (soft routing at high "
+        "router entropy with at least 2 experts, against top-p with at least 1)."
     )
     verdicts = ("### Verdict per claim\n\nEach claim over both metrics: supported (or contradicted) where every "
                 "metric's paired test finds A > B (or B > A) at 5 %, \"on <metric> only\" where the other metric "
@@ -159,6 +170,38 @@ def _metric_section(groups: Mapping[str, Sequence[RunRecord]], metric: str) -> s
     return f"{section}\n### 95 % intervals: {metric}\n\n{_INTERVALS_NOTE}\n\n{intervals}" if intervals else section
 
 
+def leaked_items(groups: Mapping[str, Sequence[RunRecord]]) -> set[str]:
+    """The evaluation ids of the runs' packaged tasks that have a near-duplicate in their training half
+    under the split the runs were made with (:func:`dynmole.data.leakage.leaked_eval_ids`; runs
+    recorded before split versions used the first); none for runs on the leak-free split or local data."""
+    leaked: set[str] = set()
+    jobs = {json.dumps(r.result.get("job", {}), sort_keys=True) for runs in groups.values() for r in runs}
+    for job in map(json.loads, jobs):
+        version = job.get("split_version", LEGACY_SPLIT)
+        if job.get("source", "packaged") != "packaged" or version == LEAK_FREE_SPLIT:
+            continue
+        for task in job.get("tasks", []):
+            leaked.update(leaked_eval_ids(task, job.get("eval_fraction", 0.5), version))
+    return leaked
+
+
+def leak_free_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
+    """The paired tests again without the evaluated items that leak (:func:`leaked_items`); empty when
+    none of the evaluated items leaks."""
+    leaked = leaked_items(groups)
+    evaluated = {i for runs in predictions_by_variant(groups).values() for run in runs
+                 for lists in run.values() for i in lists["id"]}
+    dropped = leaked & evaluated
+    if not dropped:
+        return ""
+    rows = claim_comparisons(groups, exclude=dropped)
+    tasks = sorted({i.split("/", 1)[0] for i in dropped})
+    return (f"## Paired tests without the leaked items\n\nThese runs were split with a grouping that leaves "
+            f"near-duplicates on both sides (`split_version` 1, docs/data.md): {len(dropped)} of the evaluated "
+            f"items ({', '.join(tasks)}) have a near-duplicate in the training half. The same tests without "
+            f"them:\n\n{verdict_table(rows)}")
+
+
 def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path, title: str,
                 notes: str = "", paired: str | None = None) -> list[Path]:
     """Write ``results.md`` (per metric the table and, from the runs' predictions, its 95 %
@@ -167,13 +210,15 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
     directory = Path(directory)
     tables = "\n".join(_metric_section(groups, metric) for metric in METRICS)
     paired = paired_tests_markdown(groups) if paired is None else paired
+    leak_free = leak_free_tests_markdown(groups)
     plots = routing_plots(groups, directory / "plots")
     figures = "\n".join(f"- `{p.relative_to(directory)}`" for p in plots)
     times = time_table(groups)
     time_section = (f"## Time\n\nEach run's `wall_time_s` (training, evaluation and checkpoints; it includes whatever "
                     f"else ran on the machine) and the share of it its trainer reported as training.\n\n{times}\n"
                     if times else "")
-    text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "") + time_section
+    text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "")
+            + (f"{leak_free}\n" if leak_free else "") + time_section
             + f"## Figures\n\n{figures}\n")
     return [_write_text(directory / RESULTS_MD_NAME, text), *plots]
 

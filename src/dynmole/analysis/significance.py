@@ -446,3 +446,33 @@ def hierarchical_comparison(a_runs: Sequence[Predictions], b_runs: Sequence[Pred
     examples = sum(t.examples for t in tasks.values())
     return HierarchicalComparison(names[0], names[1], metric, len(a_runs), len(b_runs), resamples,
                                   _paired_difference(observed, _task_average(draws), examples, confidence), tasks)
+
+
+SEED_AWARE_MIN_SEEDS = 3
+"""Seeds each of two variants needs before the seed-aware test (:func:`hierarchical_comparison`) is the
+verdict; an untrained variant (the zero-shot base: one deterministic run, no training seed) needs none."""
+
+
+@dataclass(frozen=True)
+class ClaimTest:
+    """One claim on one metric: the fixed-model test, and the seed-aware one where both variants have
+    :data:`SEED_AWARE_MIN_SEEDS` seeds or more (else None)."""
+
+    claim: str
+    fixed: PairedComparison
+    seeds: HierarchicalComparison | None = None
+
+    @property
+    def decisive(self) -> Comparison:
+        """The test the verdict follows: the seed-aware one where there is one, else the fixed-model one."""
+        return self.seeds if self.seeds is not None else self.fixed
+
+
+def claim_test(claim: str, a_runs: Sequence[Predictions], b_runs: Sequence[Predictions], metric: str,
+               names: tuple[str, str], untrained: tuple[bool, bool] = (False, False)) -> ClaimTest:
+    """Both tests of ``claim`` (:class:`ClaimTest`): the seed-aware one only where each side has
+    :data:`SEED_AWARE_MIN_SEEDS` seeds or is ``untrained`` (and at least one side was trained)."""
+    fixed = paired_comparison(a_runs, b_runs, metric, names)
+    enough = not all(untrained) and all(
+        done or len(runs) >= SEED_AWARE_MIN_SEEDS for runs, done in zip((a_runs, b_runs), untrained))
+    return ClaimTest(claim, fixed, hierarchical_comparison(a_runs, b_runs, metric, names) if enough else None)

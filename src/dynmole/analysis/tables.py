@@ -4,13 +4,13 @@ same cells with 95 % intervals and the paired tests of the papers' claims."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from ..data import ALL_TASKS
 from .runs import RunRecord, mean_experts, mean_std
 from .significance import (
+    ClaimTest,
     Interval,
-    PairedComparison,
     PairedDifference,
     Predictions,
     accuracy_intervals,
@@ -67,16 +67,26 @@ def comparison_table(groups: Mapping[str, Sequence[RunRecord]], metric: str = "a
     return "\n".join(lines) + "\n"
 
 
-def predictions_by_variant(groups: Mapping[str, Sequence[RunRecord]]) -> dict[str, list[Predictions]]:
-    """Per variant, its runs' predictions ordered by seed; variants with a run that has no
-    ``predictions.json`` are left out."""
+def predictions_by_variant(groups: Mapping[str, Sequence[RunRecord]],
+                           exclude: Collection[str] = frozenset()) -> dict[str, list[Predictions]]:
+    """Per variant, its runs' predictions ordered by seed, without the examples whose id is in
+    ``exclude``; variants with a run that has no ``predictions.json`` are left out."""
     out = {}
     for name, records in groups.items():
         ordered = sorted(records, key=lambda r: (r.result.get("seed") is not None, r.result.get("seed") or 0))
         runs = [r.predictions() for r in ordered]
         if all(run is not None for run in runs):
-            out[name] = runs
+            out[name] = [_without(run, exclude) for run in runs] if exclude else runs
     return out
+
+
+def _without(run: Predictions, exclude: Collection[str]) -> Predictions:
+    """``run``'s per-task parallel lists without the examples whose id is in ``exclude``."""
+    kept = {}
+    for task, lists in run.items():
+        keep = [k for k, example in enumerate(lists["id"]) if example not in exclude]
+        kept[task] = {name: [values[k] for k in keep] for name, values in lists.items()}
+    return kept
 
 
 def interval_cell(interval: Interval, digits: int = 1) -> str:
@@ -109,65 +119,80 @@ def p_value_cell(p: float) -> str:
 
 def paired_cell(result: PairedDifference) -> str:
     """``"+3.1 [-2.0, +8.2] p 0.210"``: a difference in points, its interval and p-value."""
-    return (f"{100 * result.difference:+.1f} [{100 * result.low:+.1f}, {100 * result.high:+.1f}] "
-            f"p {p_value_cell(result.p_value)}")
+    return f"{100 * result.difference:+.1f} {_bounds(result)} p {p_value_cell(result.p_value)}"
 
 
-def paired_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
-    """Markdown table, one row per (claim, comparison): A, B, metric, seeds pooled, examples, the
-    difference A - B of the task-averaged accuracy in points, its 95 % interval, the bootstrap
-    p-value, the exact McNemar p-value, the verdict at 5 %, the smallest difference these examples
-    detect with 80 % power, the examples that would detect the observed one, and the difference of
-    each seed pair."""
-    header = ["claim", "A", "B", "metric", "seeds A / B", "examples", "difference (points)", "95 % interval",
-              "p-value", "McNemar p", "verdict", "detectable (80 % power)", "examples for this gap", "by seed pair"]
-    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 6 + "---|" + "---:|" * 3]
-    for claim, c in rows:
-        needed = c.average.examples_to_detect()
-        cells = [claim, c.a, c.b, c.metric, f"{c.seeds_a} / {c.seeds_b}", str(c.average.examples),
-                 f"{100 * c.average.difference:+.1f}", f"[{100 * c.average.low:+.1f}, {100 * c.average.high:+.1f}]",
-                 p_value_cell(c.average.p_value), p_value_cell(c.mcnemar.p_value), c.verdict(),
-                 f"{100 * c.average.detectable():.1f}", "-" if needed is None else f"{needed:,}",
+def _bounds(result: PairedDifference) -> str:
+    """``"[-2.0, +8.2]"``: a difference's 95 % interval in points."""
+    return f"[{100 * result.low:+.1f}, {100 * result.high:+.1f}]"
+
+
+def paired_table(rows: Sequence[ClaimTest]) -> str:
+    """Markdown table, one row per claim test: A, B, metric, seeds pooled, examples, the difference
+    A - B of the task-averaged accuracy in points; the fixed-model test's 95 % interval and p-value,
+    the exact McNemar p-value, the seed-aware test's interval and p-value (where there is one); the
+    verdict at 5 %, the smallest difference detectable with 80 % power and the examples that would
+    detect the observed one (both of the test the verdict follows), and the difference of each seed pair."""
+    header = ["claim", "A", "B", "metric", "seeds A / B", "examples", "difference (points)",
+              "95 % interval (fixed model)", "p (fixed model)", "McNemar p", "95 % interval (seeds resampled)",
+              "p (seeds resampled)", "verdict", "detectable (80 % power)", "examples for this gap", "by seed pair"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|" + "---:|" * 8 + "---|" + "---:|" * 3]
+    for row in rows:
+        c, seeds, decisive = row.fixed, row.seeds, row.decisive
+        needed = decisive.average.examples_needed()
+        cells = [row.claim, c.a, c.b, c.metric, f"{c.seeds_a} / {c.seeds_b}", str(c.average.examples),
+                 f"{100 * c.average.difference:+.1f}", _bounds(c.average), p_value_cell(c.average.p_value),
+                 p_value_cell(c.mcnemar.p_value), "-" if seeds is None else _bounds(seeds.average),
+                 "-" if seeds is None else p_value_cell(seeds.average.p_value), decisive.verdict(),
+                 f"{100 * decisive.average.detectable():.1f}", "-" if needed is None else f"{needed:,}",
                  " / ".join(f"{100 * d:+.1f}" for d in c.seed_pairs) or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def paired_task_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
-    """Markdown table of where each difference comes from: per (claim, comparison) and task, the
-    difference A - B in points, its 95 % interval and the bootstrap p-value."""
+def paired_task_table(rows: Sequence[ClaimTest]) -> str:
+    """Markdown table of where each difference comes from: per claim test and task, the difference
+    A - B in points, its 95 % interval and p-value, of the test the verdict follows."""
     seen: list[str] = []
-    for _, c in rows:
-        seen += [t for t in c.tasks if t not in seen]
+    for row in rows:
+        seen += [t for t in row.decisive.tasks if t not in seen]
     tasks = paper_order(seen)
-    lines = ["| A vs B | metric | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
-    for _, c in rows:
+    lines = ["| A vs B | metric | test | " + " | ".join(tasks) + " |", "|---|---|---|" + "---:|" * len(tasks)]
+    for row in rows:
+        c = row.decisive
         cells = [paired_cell(c.tasks[t]) if t in c.tasks else "-" for t in tasks]
-        lines.append(f"| {c.a} vs {c.b} | {c.metric} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c.a} vs {c.b} | {c.metric} | {_test_name(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def verdict_table(rows: Sequence[tuple[str, PairedComparison]]) -> str:
-    """Markdown table, one row per claim (in first-seen order): each metric's difference A - B with
-    its interval and p-value, ``significance.claim_verdict`` over the metrics, then each metric's
-    p-value Holm-adjusted over the table's claims (the family-wise check the verdict does not make)."""
-    claims: dict[str, list[PairedComparison]] = {}
-    for claim, c in rows:
-        claims.setdefault(claim, []).append(c)
-    metrics = list(dict.fromkeys(c.metric for _, c in rows))
+def _test_name(row: ClaimTest) -> str:
+    return "fixed model" if row.seeds is None else "seeds resampled"
+
+
+def verdict_table(rows: Sequence[ClaimTest]) -> str:
+    """Markdown table, one row per claim (in first-seen order): the test the verdict follows (seeds
+    resampled where both variants have enough seeds, else the fixed-model test), each metric's
+    difference A - B with its interval and p-value, ``significance.claim_verdict`` over the metrics,
+    then each metric's p-value Holm-adjusted over the table's claims (the family-wise check the
+    verdict does not make)."""
+    claims: dict[str, list[ClaimTest]] = {}
+    for row in rows:
+        claims.setdefault(row.claim, []).append(row)
+    metrics = list(dict.fromkeys(row.fixed.metric for row in rows))
     holm: dict[tuple[str, str], float] = {}
     for metric in metrics:
-        found = [(claim, c) for claim, c in rows if c.metric == metric]
-        for (claim, _), adjusted in zip(found, holm_adjusted([c.average.p_value for _, c in found])):
-            holm[claim, metric] = adjusted
-    lines = ["| claim | A | B | " + " | ".join(metrics) + " | verdict | Holm p (" + " / ".join(metrics) + ") |",
-             "|---|---|---|" + "---:|" * len(metrics) + "---|---:|"]
-    for claim, comparisons in claims.items():
-        by_metric = {c.metric: c for c in comparisons}
+        found = [row for row in rows if row.fixed.metric == metric]
+        for row, adjusted in zip(found, holm_adjusted([row.decisive.average.p_value for row in found])):
+            holm[row.claim, metric] = adjusted
+    lines = ["| claim | A | B | test | " + " | ".join(metrics) + " | verdict | Holm p (" + " / ".join(metrics) + ") |",
+             "|---|---|---|---|" + "---:|" * len(metrics) + "---|---:|"]
+    for claim, tests in claims.items():
+        by_metric = {row.fixed.metric: row.decisive for row in tests}
         cells = [paired_cell(by_metric[m].average) if m in by_metric else "-" for m in metrics]
         adjusted = " / ".join(p_value_cell(holm[claim, m]) if (claim, m) in holm else "-" for m in metrics)
-        lines.append(f"| {claim} | {comparisons[0].a} | {comparisons[0].b} | " + " | ".join(cells)
-                     + f" | {claim_verdict(comparisons)} | {adjusted} |")
+        tests_used = " / ".join(dict.fromkeys(_test_name(row) for row in tests))
+        lines.append(f"| {claim} | {tests[0].fixed.a} | {tests[0].fixed.b} | {tests_used} | " + " | ".join(cells)
+                     + f" | {claim_verdict([row.decisive for row in tests])} | {adjusted} |")
     return "\n".join(lines) + "\n"
 
 
