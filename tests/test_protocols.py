@@ -123,3 +123,25 @@ def test_a_finished_run_recorded_as_choices_is_not_reported_as_changed(tmp_path)
     assert grid.changed_settings(spec, RunRecord(tmp_path, result)) == []
     result["job"]["scoring"] = "label"
     assert grid.changed_settings(spec, RunRecord(tmp_path, result)) == ["job.scoring"]
+
+
+def test_run_prints_held_out_routing_before_and_after_training(tmp_path, monkeypatch, tiny_llama, tiny_tokenizer,
+                                                                capsys):
+    """``run`` (and so the demo) with the routing probe on trains for real and puts the probe's first and
+    last records beside the accuracies: routing before and after training, and says that a router
+    learning rate other than the papers' is a departure."""
+    load = lambda *args, **kwargs: (tiny_llama(), tiny_tokenizer)  # noqa: E731
+    monkeypatch.setattr(commands, "load_model_and_tokenizer", load)
+    monkeypatch.setattr(job, "load_mixture", lambda *args, **kwargs: list(TRAIN))
+    monkeypatch.setattr(job, "load_examples", lambda task, *args, **kwargs: EVAL[task])
+    argv = ["run", "--method", "dynmole", "--tasks", "arc_e,boolq", "--r", "2", "--output-dir", str(tmp_path),
+            "--max-steps", "2", "--batch-size", "4", "--routing-probe-steps", "2", "--router-lr-scale", "10",
+            "--report-to", "none"]
+    commands.run_command(*cli.job_configs(argv))
+    out = capsys.readouterr().out
+    assert "routers train at 10x the learning rate (--router-lr-scale): a departure from the papers" in out
+    rows = [line for line in out.splitlines() if line.startswith("| before training") or line.startswith("| after")]
+    assert [row.split(" (")[0] for row in rows] == ["| before training", "| after 2 steps"]
+    saved = json.loads((tmp_path / "results.json").read_text())["metadata"]["routing_probe"]
+    assert saved["before"]["step"] == 0 and saved["after"]["step"] == 2 and saved["examples"] > 0
+    assert 0 < saved["after"]["probe_max_load"] <= 1 and saved["after"]["probe_input_dependence"] is not None

@@ -30,6 +30,8 @@ DEMO_DEFAULTS = {
     "max_steps": 60,
     "batch_size": 8,
     "lr": 1e-3,
+    "router_lr_scale": 10.0,  # where the routers learn in 60 steps (docs/regime.md); said when the demo starts
+    "routing_probe_steps": 60,  # held-out routing before and after training, printed beside the accuracies
     "r": 8,
     "alpha": 16,
     "cutoff_len": 256,

@@ -21,6 +21,7 @@ from ..evaluation.report import machine_description
 from ..io import atomic_write, ensure_writable_dir, write_json
 from ..pretrained import load_model_and_tokenizer
 from ..training.config import TrainConfig
+from ..training.probe import probe_records, routing_before_after
 from ..training.runs import ADAPTER_NAME, RESULTS_MD_NAME, RESULTS_NAME, check_output_dir
 from .job import JobConfig
 from .pipeline import evaluate_model, fine_tune, prepare, run_record
@@ -74,8 +75,12 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
         "wall_time_s": round(time.time() - started, 1),
     }
     output_dir = Path(train_config.output_dir)
+    probes = probe_records(output_dir)
+    if probes:
+        metadata["routing_probe"] = {"examples": len(prepared.probe or []), "before": probes[0], "after": probes[-1]}
     write_results(output_dir / RESULTS_NAME, runs, metadata)
-    table = results_tables(runs, job.scoring)
+    table = results_tables(runs, job.scoring) + (
+        f"\n{routing_before_after(probes, len(prepared.probe or []))}" if len(probes) > 1 else "")
     atomic_write(output_dir / RESULTS_MD_NAME, lambda tmp: Path(tmp).write_text(
         f"# {job.method} on {job.model}\n\nScoring: {metadata['scoring_description']}.\n\n"
         f"{table}\nMachine: {metadata['machine']}\n"))
@@ -85,6 +90,9 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
 def run_command(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict[str, Any]:
     """``dynmole run``/``demo``: :func:`run_job`, saying which data it uses and printing its tables."""
     print_data_note(job)
+    if train_config.router_lr_scale != 1.0:
+        print(f"routers train at {train_config.router_lr_scale:g}x the learning rate (--router-lr-scale): a departure "
+              "from the papers, which train them at the learning rate (docs/regime.md)")
     result = run_job(job, train_config, mole)
     output_dir = Path(train_config.output_dir)
     print(result["table"])

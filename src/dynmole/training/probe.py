@@ -149,3 +149,30 @@ def probe_examples(eval_examples: dict[str, list[Example]], size: int, scoring: 
     """The routing probe's held-out examples (:func:`probe_set`) in the format training sees for
     the evaluation protocol ``scoring``."""
     return format_examples(probe_set(eval_examples, size), scoring)
+
+
+_BEFORE_AFTER = (("probe_experts", "experts per token", "{:.2f}"), ("probe_entropy", "router entropy", "{:.3f}"),
+                 ("probe_max_load", "busiest expert's share", "{:.3f}"),
+                 ("probe_input_dependence", "input dependence", "{:.3f}"),
+                 ("probe_collapsed", "modules collapsed", "{:.0%}"), ("probe_specialised", "modules specialised", "{:.0%}"))
+
+
+def probe_records(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The routing probe's records of a run folder (``routing_probe.jsonl``; empty without a probe)."""
+    path = Path(output_dir) / PROBE_LOG_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def routing_before_after(records: Sequence[dict[str, Any]], examples: int) -> str:
+    """A markdown table of the held-out routing at the first and the last probe (before and after
+    training): experts per token, normalised Tsallis entropy, the busiest expert's share, the input
+    dependence and the shares of modules collapsed / specialised (:mod:`dynmole.routing_measures`);
+    empty with fewer than two probes."""
+    if len(records) < 2:
+        return ""
+    header = "| routing on " + f"{examples} held-out examples | " + " | ".join(name for _, name, _ in _BEFORE_AFTER)
+    lines = [header + " |", "|---|" + "---:|" * len(_BEFORE_AFTER)]
+    for label, record in (("before training", records[0]), (f"after {records[-1]['step']} steps", records[-1])):
+        cells = [form.format(record[key]) if record.get(key) is not None else "-" for key, _, form in _BEFORE_AFTER]
+        lines.append(f"| {label} (step {record['step']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
