@@ -154,7 +154,8 @@ def probe_examples(eval_examples: dict[str, list[Example]], size: int, scoring: 
 _BEFORE_AFTER = (("probe_experts", "experts per token", "{:.2f}"), ("probe_entropy", "router entropy", "{:.3f}"),
                  ("probe_max_load", "busiest expert's share", "{:.3f}"),
                  ("probe_input_dependence", "input dependence", "{:.3f}"),
-                 ("probe_collapsed", "modules collapsed", "{:.0%}"), ("probe_specialised", "modules specialised", "{:.0%}"))
+                 ("probe_collapsed", "modules collapsed", "{:.0%}"),
+                 ("probe_specialised", "modules specialised", "{:.0%}"))
 
 
 def probe_records(output_dir: str | Path) -> list[dict[str, Any]]:
