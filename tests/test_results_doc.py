@@ -61,3 +61,18 @@ def test_results_md_quotes_the_cpu_report_averages():
         average = header.index("average")
         assert set(quoted) == set(rows)
         assert all(quoted[name][column] == cells[average] for name, cells in rows.items())
+
+
+def test_results_md_quotes_the_cpu_report_verdicts():
+    # The verdict tables of results.md (all items, then without the leaked ones) and the routing claims
+    # are the report's rows, verbatim.
+    report = (CPU / "results.md").read_text()
+    text = (DOCS / "results.md").read_text()
+    for marker, section in (("**Verdicts, protocol `cloze`**", "### Verdict per claim"),
+                            ("**Without the leaked WinoGrande items.**", "## Paired tests without the leaked items"),
+                            ("- **Routing claims**", "## Routing claims")):
+        quoted = text.split(marker)[1]
+        quoted = quoted[quoted.index("\n|") + 1:].split("\n\n")[0].strip().splitlines()
+        source = report.split(section)[1]
+        source = source[source.index("\n|") + 1:].split("\n\n")[0].strip().splitlines()
+        assert quoted == source and len(quoted) > 3

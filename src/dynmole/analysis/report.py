@@ -13,6 +13,18 @@ from ..evaluation.report import metric_heading
 from ..io import atomic_write
 from ..training.runs import RESULTS_MD_NAME
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
+from .routing_claims import (
+    ROUNDS,
+    UNDECIDABLE,
+    claim_tests,
+    descriptive_table,
+    lm_loss,
+    loss_round_curves,
+    loss_round_table,
+    order_agreement,
+    runs_by_key,
+    seed_test_table,
+)
 from .runs import RunRecord, by_layer, load_by_layer
 from .significance import ALPHA, CLAIMS, POWER, RESAMPLES, SEED, SEED_AWARE_MIN_SEEDS, ClaimTest, claim_test
 from .tables import (
@@ -202,6 +214,58 @@ def leak_free_tests_markdown(groups: Mapping[str, Sequence[RunRecord]]) -> str:
             f"them:\n\n{verdict_table(rows)}")
 
 
+def routing_claims_markdown(groups: Mapping[str, Sequence[RunRecord]], directory: Path | None = None) -> str:
+    """The "Routing claims" section: the papers' routing claims tested over seeds from the runs'
+    ``result.json`` routing, ``log.jsonl`` and ``routing_probe.jsonl`` (:mod:`.routing_claims`), the
+    loss per round and, with ``directory``, ``plots/loss_rounds.png``; empty without routed runs."""
+    runs = runs_by_key(groups)
+    tests = claim_tests(runs)
+    if not tests:
+        return ""
+    curves = {(k, r.seed): lm_loss(r.log) for k, rs in runs.items() for r in rs if r.log}
+    same_seed, same_method = order_agreement(curves)
+    plot = ""
+    if directory is not None:
+        path = plot_curves(loss_round_curves(runs), directory / "plots" / "loss_rounds.png", "training LM loss",
+                           "Training LM loss per round (a tenth of the run; mean ± std over seeds)", xlabel="round")
+        plot = f"Figure: `{path.relative_to(directory)}`.\n\n"
+    undecided = "\n".join(f"| {claim} | {why} |" for claim, why in UNDECIDABLE)
+    return (
+        "## Routing claims\n\n"
+        "The papers' routing claims, each a paired test over training seeds (the unit is the trained model; "
+        "pairs by seed number: seeds 0-2 where both variants have three, 0-1 where one has two). Per-seed "
+        "differences A - B, their mean with a paired t interval (Student t, n - 1 degrees of freedom) and "
+        "its two-sided p, and the exact sign-flip permutation p over the 2^n sign assignments. n is tiny: "
+        "the sign-flip p cannot go below 0.5 with 2 seeds or 0.25 with 3, and the t-test with 1 or 2 degrees "
+        "of freedom rests on the differences being normal; verdict: the t p < 0.05 in the claimed direction "
+        "(supported) or the other (contradicted), else not decided. Measures: router entropy, the modules' "
+        "normalised Tsallis entropy over the evaluation tokens weighted by tokens, and at the routing probe's "
+        "last step; load entropy and busiest-expert share (`dynmole.routing_measures`) of each module's "
+        "evaluation `load`, averaged over the 90 modules; experts against entropy: across modules and probe "
+        "steps (per-module means: the files have no per-token pairs); LM loss: the logged training loss "
+        "minus the logged `aux_total` (the aux losses, averaged over the same steps), averaged per round "
+        f"({ROUNDS} rounds of a tenth of the run); zero experts: bin 0 of each module's `experts_histogram` "
+        "over its tokens.\n\n"
+        f"{seed_test_table(tests)}\n"
+        f"| claim | why not decided |\n|---|---|\n{undecided}\n\n"
+        "### Routing per method (evaluation, mean over seeds)\n\n"
+        "Collapsed modules: per seed, how many modules' busiest expert carries at least 90 % of the load. "
+        "Experts sd by token: the standard deviation of experts per token within a module "
+        "(`experts_histogram`), averaged over modules; by module: the standard deviation of the modules' "
+        "mean experts per token.\n\n"
+        f"{descriptive_table(runs)}\n"
+        "### Training LM loss per round (mean ± std over seeds)\n\n"
+        "Same data order per seed: the mixture is ordered by `sha256(seed/id)` and the trainer shuffles with "
+        "`data_seed` = the run's seed, so every method sees the same batches at the same steps for a given "
+        "seed. The logs agree: the step-to-step changes of two runs' LM loss correlate "
+        f"{same_seed:.2f} on average for the same seed and different methods, {same_method:.2f} for the same "
+        "method and different seeds. Departure from the paper (Figure 5): it trains on GLUE-RTE's 2,490 "
+        "training examples; here the curves are the grid's own 6-task mixture (3,971 examples, 400 steps of "
+        "batch 8, less than one epoch), each point a 10-step mean of the logged loss.\n\n"
+        f"{plot}{loss_round_table(runs)}"
+    )
+
+
 def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path, title: str,
                 notes: str = "", paired: str | None = None) -> list[Path]:
     """Write ``results.md`` (per metric the table and, from the runs' predictions, its 95 %
@@ -212,13 +276,17 @@ def grid_report(groups: Mapping[str, Sequence[RunRecord]], directory: str | Path
     paired = paired_tests_markdown(groups) if paired is None else paired
     leak_free = leak_free_tests_markdown(groups)
     plots = routing_plots(groups, directory / "plots")
+    routing_claims = routing_claims_markdown(groups, directory)
+    if routing_claims:
+        plots.append(directory / "plots" / "loss_rounds.png")
     figures = "\n".join(f"- `{p.relative_to(directory)}`" for p in plots)
     times = time_table(groups)
     time_section = (f"## Time\n\nEach run's `wall_time_s` (training, evaluation and checkpoints; it includes whatever "
                     f"else ran on the machine) and the share of it its trainer reported as training.\n\n{times}\n"
                     if times else "")
     text = (f"# {title}\n\n{notes}\n\n{tables}\n" + (f"{paired}\n" if paired else "")
-            + (f"{leak_free}\n" if leak_free else "") + time_section
+            + (f"{leak_free}\n" if leak_free else "") + (f"{routing_claims}\n" if routing_claims else "")
+            + time_section
             + f"## Figures\n\n{figures}\n")
     return [_write_text(directory / RESULTS_MD_NAME, text), *plots]
 
