@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..data import ALL_TASKS
-from ..data.split import LEGACY_SPLIT
+from ..data.split import LEAK_FREE_SPLIT, LEGACY_SPLIT
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,22 @@ PROFILES: dict[str, Profile] = {
                       "remole"),
             cost=CPU_SMOLLM2_BF16,
             variant_seeds={key: (0, 1, 2) for key in ("lora", "loramoe", "mola", "dynmole", "ldmole")},
+        ),
+        Profile(
+            "cpu-long",
+            "The accuracy claims on the cheapest axis that could open a gap (issue 28): `cpu`'s recipe 3x longer, "
+            "1200 steps of batch 8 (about 2.4 epochs of the 3971 training examples), on the leak-free split "
+            "(split_version 2), LoRA, MoLA and DynMoLE with 3 seeds each; checkpoints every 100 steps so a run "
+            "resumes (about 6.5 hours on a 2-core CPU).",
+            {"model": "smollm2-135m", "tasks": list(CPU_TASKS), "train_limit": None, "eval_limit": 500,
+             "split_version": LEAK_FREE_SPLIT, "eval_batch_size": 32, "num_experts": 6, "r": 8, "alpha": 16.0,
+             "lr": 1e-3, "router_lr_scale": 10.0, "max_steps": 1200, "batch_size": 8, "cutoff_len": 256,
+             "precision": "bf16", "logging_steps": 10, "save_steps": 100, "save_total_limit": 1,
+             "routing_probe_steps": 100, "routing_probe_size": 32, "report_to": "none"},
+            {"r": 48, "alpha": 96.0},
+            (0, 1, 2),
+            variants=("lora", "mola", "dynmole"),
+            cost=CPU_SMOLLM2_BF16,
         ),
         Profile(
             "regime",
