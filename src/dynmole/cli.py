@@ -3,7 +3,7 @@
 Each command's options come from the settings dataclasses (:mod:`dynmole.options`); a handler here
 turns them into settings records and calls the library (:mod:`dynmole.experiments.commands`,
 :mod:`dynmole.experiments.reproduce`, :mod:`dynmole.bench.command`). A user's mistake prints one
-line ``error: ...`` (:func:`main`).
+line ``error: ...`` (:func:`main`); third-party noise is kept off the console (:mod:`dynmole._console`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from ._console import quiet_third_party
 from .errors import DynmoleError
 from .experiments import commands
 from .experiments.job import JOB_CLASSES, JobConfig
@@ -191,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run a command. A user's mistake (:func:`_is_user_error`) prints one line ``error: ...`` to
     stderr and exits with status 2; with ``--debug`` or ``DYNMOLE_DEBUG=1`` it raises, traceback and all."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party()
     try:
         _dispatch(argv)
     except Exception as err:

@@ -7,6 +7,7 @@ time it is asked for, under ``<cache>/models/<name>``, and reuses that folder af
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
@@ -174,6 +175,24 @@ def resolve_model(name_or_path: str) -> Path:
         raise DynmoleError(f"{_not_found(name_or_path)} ({type(err).__name__}: {err})") from None
 
 
+@contextlib.contextmanager
+def _without_loading_bar() -> Iterator[None]:
+    """transformers' progress bars off for the block, as they were afterwards.
+
+    ``from_pretrained`` draws a "Loading weights" bar over the tensors of a local folder on every
+    load (the download, if any, is done before: :func:`resolve_model`); it says nothing a user needs.
+    """
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -189,7 +208,8 @@ def load_model_and_tokenizer(
 
     folder = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    with _without_loading_bar():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

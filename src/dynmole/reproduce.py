@@ -4,9 +4,11 @@
 
 import sys
 
+from ._console import quiet_third_party
 from .experiments.reproduce import Inputs, RunSpec, build_parser, main, plan, run_all, run_one
 
 __all__ = ["Inputs", "RunSpec", "build_parser", "main", "plan", "run_all", "run_one"]
 
 if __name__ == "__main__":
+    quiet_third_party()
     sys.exit(main())

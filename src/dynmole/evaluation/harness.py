@@ -9,7 +9,9 @@ lm-eval's ``HFLM`` takes an already-built model, so a :class:`dynmole.MoLEModel`
     lm_eval.simple_evaluate(model=lm, tasks=["arc_easy", "/path/to/my_task.yaml"])
 
 :func:`evaluate_harness` does that and loads every task's data first, so a task whose data cannot
-be read (offline, the harness's own tasks cannot download theirs) fails with one line naming it.
+be read (offline, the harness's own tasks cannot download theirs) fails with one line naming it, at
+once: with the hub unreachable the data is loaded in offline mode (the local cache only), as with
+``HF_HUB_OFFLINE`` set, rather than after the hub client's five retries (23 s of waiting per task).
 :func:`write_harness_task` writes dynmole examples as a harness task (a JSONL file and a task YAML)
 that the harness scores exactly as ``dynmole eval`` does (cloze: same prompt, same continuations,
 ``acc_norm`` per character of the continuation with its leading space). Needs the ``harness``
@@ -18,11 +20,12 @@ extra: ``pip install 'dynmole[harness]'``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..data import Example
 from ..errors import DynmoleError
@@ -67,8 +70,60 @@ class HarnessTasks:
     manager: Any
 
 
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether one request to the hub (``HF_ENDPOINT``) gets an answer within ``timeout`` seconds, through
+    the hub client's own session (so its proxy settings apply) and without its retries."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - the HTTP client's connection errors come in many types; all mean the same
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable() -> Iterator[None]:
+    """Offline mode (the local cache only) for the block when the hub cannot be reached.
+
+    ``datasets`` would otherwise retry each request five times (1 + 2 + 4 + 8 + 8 s) before it falls
+    back to the cache; offline mode goes to the cache at once, so data on this machine still loads
+    and missing data fails at once. ``HF_HUB_OFFLINE`` and ``HF_DATASETS_OFFLINE`` are read when the
+    two libraries are imported, so the block sets the flags they read then, and restores them.
+    """
+    from datasets import config
+    from huggingface_hub import constants
+
+    if config.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    saved = config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _is_yaml(spec: str) -> bool:
     return spec.endswith((".yaml", ".yml"))
+
+
+def _load_spec(manager: Any, spec: str) -> dict[str, Any]:
+    """``manager.load(spec)``: its tasks, groups and group map, the data loaded; a failure as one line."""
+    if _is_yaml(spec) and not Path(spec).is_file():
+        raise HarnessTaskError(f"harness task file {spec} not found")
+    try:
+        return manager.load(str(Path(spec).resolve()) if _is_yaml(spec) else spec)
+    except KeyError:
+        raise HarnessTaskError(
+            f"unknown harness task {spec!r}: not a task, group or tag of lm-eval {_lm_eval_version()}, "
+            "nor a task YAML file (list them with `lm-eval ls tasks`)") from None
+    except Exception as err:  # noqa: BLE001 - datasets/hub errors come in many types; all mean the same here
+        raise HarnessTaskError(
+            f"harness task {spec!r}: its data could not be loaded ({_first_line(err)}); offline, only tasks "
+            "whose data is on this machine run, e.g. a task YAML pointing at a local file "
+            "(docs/data.md#lm-evaluation-harness)") from None
 
 
 def load_harness_tasks(specs: Sequence[str]) -> HarnessTasks:
@@ -83,21 +138,10 @@ def load_harness_tasks(specs: Sequence[str]) -> HarnessTasks:
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_defaults=not all(map(_is_yaml, specs)))
+    with _offline_unless_hub_reachable():  # one look at the hub for all the tasks
+        loaded_specs = [_load_spec(manager, spec) for spec in specs]
     objects: list[Any] = []
-    for spec in specs:
-        if _is_yaml(spec) and not Path(spec).is_file():
-            raise HarnessTaskError(f"harness task file {spec} not found")
-        try:
-            loaded = manager.load(str(Path(spec).resolve()) if _is_yaml(spec) else spec)
-        except KeyError:
-            raise HarnessTaskError(
-                f"unknown harness task {spec!r}: not a task, group or tag of lm-eval {_lm_eval_version()}, "
-                "nor a task YAML file (list them with `lm-eval ls tasks`)") from None
-        except Exception as err:  # noqa: BLE001 - datasets/hub errors come in many types; all mean the same here
-            raise HarnessTaskError(
-                f"harness task {spec!r}: its data could not be loaded ({_first_line(err)}); offline, only tasks "
-                "whose data is on this machine run, e.g. a task YAML pointing at a local file "
-                "(docs/data.md#lm-evaluation-harness)") from None
+    for loaded in loaded_specs:
         children = {name for names in loaded["group_map"].values() for name in names}
         grouped = {task.task_name for group in loaded["groups"].values() for task in group.get_all_tasks()}
         objects += [group for name, group in loaded["groups"].items() if name not in children]
