@@ -128,9 +128,40 @@ def test_compare_reads_a_grid_runs_predictions_and_picks_a_run(tmp_path, capsys)
 def test_log_samples_needs_output(capsys):
     err = _error_line(["eval", "--tasks", "arc_e", "--log-samples"], capsys)
     assert "--log-samples needs --output" in err
+    err = _error_line(["eval", "--harness", "arc_easy", "--output", "x.json", "--log-samples"], capsys)
+    assert "--log-samples applies to dynmole's own evaluation, not to --harness" in err
+
+
+def test_log_samples_under_label_scoring(evaluate):
+    out = evaluate("a", _rows("toy", [0, 1, 0, 1, 0, 1]), extra=("--scoring", "label"))
+    (result,) = json.loads(out.read_text())["results"].values()
+    samples = result["samples"]["toy"]
+    assert samples["acc_norm"] == samples["acc"] and samples["loglik_norm"] == samples["loglik"]
+    assert samples["acc"] == [max(range(2), key=lambda i: (s[i], -i)) for s in samples["loglik"]]
+    hits = sum(p == label for p, label in zip(samples["acc"], samples["label"]))
+    assert result["tasks"]["toy"]["acc"] == result["tasks"]["toy"]["acc_norm"] == hits / 6
 
 
 def test_compare_is_listed_in_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "compare" in capsys.readouterr().out
+
+
+def test_run_log_samples_keeps_both_runs(tiny_llama, tiny_tokenizer, tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in _rows("toy", [0, 1, 0, 1, 0, 1])))
+    out = tmp_path / "run"
+    cli.main(["run", "--model", str(folder), "--source", str(data), "--tasks", "toy", "--method", "lora", "--r", "2",
+              "--max-steps", "1", "--batch-size", "2", "--report-to", "none", "--output-dir", str(out),
+              "--log-samples"])
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"base (zero-shot)", "lora (fine-tuned)"}
+    assert all("samples" in result for result in results.values())
+    path = str(out / "results.json")
+    assert "several runs with samples" in _error_line(["compare", path, path], capsys)
+    cli.main(["compare", f"{path}#lora (fine-tuned)", f"{path}#base (zero-shot)", "--resamples", "100"])
+    assert "| average |" in capsys.readouterr().out
