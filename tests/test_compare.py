@@ -107,7 +107,7 @@ def test_compare_refuses_files_without_samples(tmp_path, capsys):
     assert "has no per-example samples: was it written with --log-samples?" in err
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert "not a JSON file" in _error_line(["compare", str(broken), str(plain)], capsys)
+    assert "broken.json: bad JSON at line 1, column 2" in _error_line(["compare", str(broken), str(plain)], capsys)
     assert "no such file" in _error_line(["compare", str(tmp_path / "missing.json"), str(plain)], capsys)
 
 

@@ -27,8 +27,10 @@ def _read_json(path: Path) -> Any:
         raise DynmoleError(f"{path}: no such file")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DynmoleError(f"{path}: not a JSON file ({err})") from err
+    except json.JSONDecodeError as err:
+        raise DynmoleError(f"{path}: bad JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise DynmoleError(f"{path}: not a JSON file (not UTF-8 text)") from err
 
 
 def _is_predictions(value: Any) -> bool:
