@@ -55,7 +55,7 @@ def _settings(args: argparse.Namespace, classes: Sequence[type], defaults: dict[
 
 
 def _cmd_run(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
-    commands.run_command(*_settings(args, JOB_CLASSES, defaults))
+    commands.run_command(*_settings(args, JOB_CLASSES, defaults), log_samples=args.log_samples)
 
 
 def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
@@ -64,11 +64,17 @@ def _cmd_train(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
 
 def _cmd_eval(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
     (job,) = _settings(args, (JobConfig,), defaults)
-    commands.check_output_file(args.output)  # before any work
+    commands.check_output_file(args.output, args.log_samples, args.harness)  # before any work
     if args.harness:
         commands.eval_harness_job(job, args.harness, args.adapter, args.output)
     else:
-        commands.eval_job(job, args.adapter, args.output)
+        commands.eval_job(job, args.adapter, args.output, args.log_samples)
+
+
+def _cmd_compare(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
+    from .analysis.compare import compare_files  # numpy and the analysis: only when asked for
+
+    print(compare_files(args.a, args.b, args.metric, args.resamples, args.seed), end="")
 
 
 def _cmd_generate(args: argparse.Namespace, defaults: dict[str, Any]) -> None:
@@ -96,6 +102,8 @@ _JOB_COMMANDS = (
     ("run", "Evaluate the base model, fine-tune, evaluate again; writes results.json/results.md and the adapter.", {}),
 )
 _CONFIG_HELP = "YAML or JSON file with option values (command-line options override it)"
+_LOG_SAMPLES_HELP = ("keep every example's id, label, each choice's scores and the predictions in the results "
+                     "file (what 'dynmole compare' reads)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, defaults in _JOB_COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.add_argument("--config", help=_CONFIG_HELP)
+        p.add_argument("--log-samples", action="store_true", help=_LOG_SAMPLES_HELP)
         add_fields(p, JOB_CLASSES, defaults)
         p.set_defaults(handler=_cmd_run, defaults=defaults)
     p = sub.add_parser("train", help="Fine-tune an adapter (no evaluation).", description="Fine-tune an adapter.",
@@ -119,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                              parents=[common]))
     _add_generate(sub.add_parser("generate", help="Answer a prompt with a base model and an optional adapter.",
                                  parents=[common]))
+    _add_compare(sub.add_parser("compare", help="Paired test of two results files written with --log-samples: "
+                                "the difference per task and on average, its interval and p-values.",
+                                parents=[common]))
     for name, help_text in (
         ("bench", "Performance benchmark (docs/performance.md); options after 'bench' go to it."),
         ("reproduce", "The papers' comparison, ablations and routing plots (docs/reproduce.md)."),
@@ -131,6 +143,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with option values")
     p.add_argument("--adapter", help="adapter folder (dynmole or PEFT) to load on the base model")
     p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--log-samples", action="store_true", help=_LOG_SAMPLES_HELP + "; needs --output")
     p.add_argument("--harness", metavar="TASKS",
                    help="evaluate with lm-evaluation-harness instead: its task names and/or task YAML paths, "
                         "comma-separated (its prompts and metrics; --eval-limit documents per task; needs "
@@ -147,6 +160,16 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder")
     p.set_defaults(handler=_cmd_generate, defaults={})
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A.json", help="results file of A (dynmole eval/run --log-samples), or a grid "
+                                               "run's predictions.json")
+    p.add_argument("b", metavar="B.json", help="results file of B, scored on the same examples")
+    p.add_argument("--metric", choices=("acc_norm", "acc"), default="acc_norm", help="(default: acc_norm)")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default: 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.set_defaults(handler=_cmd_compare, defaults={})
 
 
 def job_configs(argv: Sequence[str]) -> list[Any]:

@@ -119,10 +119,10 @@ def p_value_cell(p: float) -> str:
 
 def paired_cell(result: PairedDifference) -> str:
     """``"+3.1 [-2.0, +8.2] p 0.210"``: a difference in points, its interval and p-value."""
-    return f"{100 * result.difference:+.1f} {_bounds(result)} p {p_value_cell(result.p_value)}"
+    return f"{100 * result.difference:+.1f} {difference_bounds(result)} p {p_value_cell(result.p_value)}"
 
 
-def _bounds(result: PairedDifference) -> str:
+def difference_bounds(result: PairedDifference) -> str:
     """``"[-2.0, +8.2]"``: a difference's 95 % interval in points."""
     return f"[{100 * result.low:+.1f}, {100 * result.high:+.1f}]"
 
@@ -141,8 +141,8 @@ def paired_table(rows: Sequence[ClaimTest]) -> str:
         c, seeds, decisive = row.fixed, row.seeds, row.decisive
         needed = decisive.average.examples_needed()
         cells = [row.claim, c.a, c.b, c.metric, f"{c.seeds_a} / {c.seeds_b}", str(c.average.examples),
-                 f"{100 * c.average.difference:+.1f}", _bounds(c.average), p_value_cell(c.average.p_value),
-                 p_value_cell(c.mcnemar.p_value), "-" if seeds is None else _bounds(seeds.average),
+                 f"{100 * c.average.difference:+.1f}", difference_bounds(c.average), p_value_cell(c.average.p_value),
+                 p_value_cell(c.mcnemar.p_value), "-" if seeds is None else difference_bounds(seeds.average),
                  "-" if seeds is None else p_value_cell(seeds.average.p_value), decisive.verdict(),
                  f"{100 * decisive.average.detectable():.1f}", "-" if needed is None else f"{needed:,}",
                  " / ".join(f"{100 * d:+.1f}" for d in c.seed_pairs) or "-"]

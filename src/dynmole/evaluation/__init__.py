@@ -8,7 +8,7 @@
 """
 
 from .engines import evaluate_tasks, score_choices
-from .metrics import accuracy, predictions
+from .metrics import accuracy, predictions, samples
 from .report import (
     describe_scoring,
     machine_description,
@@ -29,6 +29,7 @@ __all__ = [
     "predictions",
     "results_markdown",
     "results_tables",
+    "samples",
     "score_choices",
     "write_results",
 ]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data import Example, scoring_protocol
 from ..pretrained import accepts_logits_to_keep
-from .metrics import _accuracy_of, predictions
+from .metrics import _accuracy_of, samples
 from .requests import Progress, _model_device, _pad_right, _Request, _requests, context_length
 from .shared_context import _can_share_context, _shared_context_logliks
 
@@ -154,6 +154,7 @@ def evaluate_tasks(
     progress: bool = True,
     *,
     return_predictions: bool = False,
+    log_samples: bool = False,
     max_length: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy on each task and their unweighted mean.
@@ -164,7 +165,9 @@ def evaluate_tasks(
     every choice is one label token, so there is nothing to normalise: ``acc_norm`` is ``acc``.
     With ``return_predictions`` the result also has ``"predictions": {task: ...}``, each task's
     per-example predictions (:func:`predictions`: parallel lists ``id``, ``label``, ``acc``,
-    ``acc_norm``), which the paired tests of ``dynmole.analysis.significance`` need.
+    ``acc_norm``), which the paired tests of ``dynmole.analysis.significance`` need. With
+    ``log_samples`` it has ``"samples": {task: ...}``: the same lists and each choice's scores
+    (:func:`dynmole.evaluation.metrics.samples`), what ``dynmole eval --log-samples`` writes.
     ``truncated`` counts the examples whose prompt was cut to ``max_length`` tokens (see
     :func:`score_choices`); each task with any is also logged as a warning. Running out of memory
     raises ``torch.OutOfMemoryError`` naming the task and the options that use less.
@@ -179,9 +182,7 @@ def evaluate_tasks(
             raise torch.OutOfMemoryError(
                 f"out of memory while evaluating {task} ({err}). Knobs to turn: --eval-batch-size, --eval-cutoff-len"
             ) from err
-        predicted[task] = predictions(examples, scores)
-        if protocol == "label":  # one label token per choice: acc_norm is acc
-            predicted[task]["acc_norm"] = list(predicted[task]["acc"])
+        predicted[task] = samples(examples, scores, label_scoring=protocol == "label")
         truncated = len({score["id"] for score in scores if score["truncated"]})
         if truncated:
             logger.warning("%s: the prompts of %d of %d examples were cut from the left to fit %d tokens",
@@ -193,5 +194,8 @@ def evaluate_tasks(
     }
     result: dict[str, Any] = {"tasks": tasks, "average": average, "scoring": protocol}
     if return_predictions:
-        result["predictions"] = predicted
+        result["predictions"] = {task: {key: lists[key] for key in ("id", "label", "acc", "acc_norm")}
+                                 for task, lists in predicted.items()}
+    if log_samples:
+        result["samples"] = predicted
     return result

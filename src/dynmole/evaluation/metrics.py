@@ -27,6 +27,27 @@ def predictions(examples: list[Example], scores: list[dict[str, Any]]) -> dict[s
     return out
 
 
+def samples(examples: list[Example], scores: list[dict[str, Any]],
+            label_scoring: bool = False) -> dict[str, list[Any]]:
+    """What ``dynmole eval --log-samples`` keeps of ``scores`` (from :func:`score_choices` on
+    ``examples``): :func:`predictions`' parallel lists (``id``, ``label``, ``acc``, ``acc_norm``) and,
+    per example, each choice's summed log-likelihood (``loglik``) and log-likelihood per character
+    (``loglik_norm``), in choice order. Under label scoring (``label_scoring``) there is nothing to
+    normalise: ``loglik_norm`` is ``loglik`` and ``acc_norm`` is ``acc``."""
+    out = predictions(examples, scores)
+    by_example: dict[str, list[dict[str, Any]]] = {}
+    for score in scores:
+        by_example.setdefault(score["id"], []).append(score)
+    out["loglik"] = [[pair["loglik"] for pair in by_example[example.id]] for example in examples]
+    if label_scoring:
+        out["acc_norm"] = list(out["acc"])
+        out["loglik_norm"] = [list(row) for row in out["loglik"]]
+    else:
+        out["loglik_norm"] = [[pair["loglik"] / pair["num_chars"] for pair in by_example[example.id]]
+                              for example in examples]
+    return out
+
+
 def _accuracy_of(predicted: dict[str, list[Any]]) -> dict[str, float | int]:
     """``acc``, ``acc_norm`` and ``n`` of :func:`predictions`' output."""
     n = len(predicted["label"])

@@ -37,7 +37,7 @@ def print_data_note(job: JobConfig) -> None:
         print(note)
 
 
-def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict[str, Any]:
+def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig, log_samples: bool = False) -> dict[str, Any]:
     """Evaluate the base model, fine-tune with ``job.method``, evaluate again, write results.
 
     Writes ``<output_dir>/results.json`` and ``results.md``; the adapter lands in
@@ -46,6 +46,8 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     The routing statistics are those of the first :data:`ROUTING_SLICE` evaluation examples of
     each task, evaluated again with the statistics on: the main evaluation keeps the
     shared-context path, whose numbers the statistics' full sequences would move by float rounding.
+    With ``log_samples`` each run's results also keep every example's choice scores and predictions
+    (``"samples"``, as ``dynmole eval --log-samples``), which ``dynmole compare`` reads.
     """
     started = time.time()
     check_output_dir(train_config.output_dir, train_config.resume, train_config.overwrite)
@@ -56,9 +58,11 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     model, tokenizer = load_model_and_tokenizer(job.model, trust_remote_code=job.trust_remote_code)
     runs: dict[str, dict[str, Any]] = {}
     if job.eval_base:
-        runs["base (zero-shot)"] = evaluate_model(model, tokenizer, eval_examples, job, routing=False)[0]
+        runs["base (zero-shot)"] = evaluate_model(model, tokenizer, eval_examples, job, routing=False,
+                                                  log_samples=log_samples)[0]
     model, summary = fine_tune(model, tokenizer, job, train_config, mole, prepared)
-    runs[f"{job.method} (fine-tuned)"] = evaluate_model(model, tokenizer, eval_examples, job, routing=False)[0]
+    runs[f"{job.method} (fine-tuned)"] = evaluate_model(model, tokenizer, eval_examples, job, routing=False,
+                                                       log_samples=log_samples)[0]
     routing_slice = {task: examples[:ROUTING_SLICE] for task, examples in eval_examples.items()}
     routing = evaluate_model(model, tokenizer, routing_slice, job, progress=False)[1]
     metadata = {
@@ -87,13 +91,14 @@ def run_job(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict
     return {"runs": runs, "metadata": metadata, "table": table}
 
 
-def run_command(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig) -> dict[str, Any]:
+def run_command(job: JobConfig, train_config: TrainConfig, mole: MoLEConfig,
+                log_samples: bool = False) -> dict[str, Any]:
     """``dynmole run``/``demo``: :func:`run_job`, saying which data it uses and printing its tables."""
     print_data_note(job)
     if train_config.router_lr_scale != 1.0:
         print(f"routers train at {train_config.router_lr_scale:g}x the learning rate (--router-lr-scale): a departure "
               "from the papers, which train them at the learning rate (docs/regime.md)")
-    result = run_job(job, train_config, mole)
+    result = run_job(job, train_config, mole, log_samples)
     output_dir = Path(train_config.output_dir)
     print(result["table"])
     print(f"results: {output_dir / RESULTS_NAME}; adapter: {output_dir / ADAPTER_NAME}")
@@ -126,21 +131,28 @@ def load_for_inference(model_name: str, adapter: str | None, trust_remote_code: 
     return model.eval(), tokenizer
 
 
-def check_output_file(output: str | None) -> None:
-    """Refuse an ``--output`` results path that is a folder or cannot be written (before any work)."""
+def check_output_file(output: str | None, log_samples: bool = False, harness: str | None = None) -> None:
+    """Refuse an ``--output`` results path that is a folder or cannot be written, and ``--log-samples``
+    without ``--output`` or with ``--harness`` (before any work)."""
+    if log_samples and not output:
+        raise DynmoleError("--log-samples needs --output: the samples are written into the results file it names")
+    if log_samples and harness:
+        raise DynmoleError("--log-samples applies to dynmole's own evaluation, not to --harness")
     if output:
         if Path(output).is_dir():
             raise DynmoleError(f"--output {output} is a folder: give the path of the results file")
         ensure_writable_dir(Path(output).parent, "folder of --output")
 
 
-def eval_job(job: JobConfig, adapter: str | None, output: str | None) -> None:
-    """``dynmole eval``: accuracy of the base model, or base + ``adapter``, on ``job``'s held-out data."""
+def eval_job(job: JobConfig, adapter: str | None, output: str | None, log_samples: bool = False) -> None:
+    """``dynmole eval``: accuracy of the base model, or base + ``adapter``, on ``job``'s held-out data.
+    With ``log_samples`` the results file ``output`` also keeps, per task, every example's id, gold
+    label, each choice's scores and the predicted choices (``"samples"``), which ``dynmole compare`` reads."""
     print_data_note(job)
     examples = job.eval_examples(job.eval_limit)  # the data first: its errors show at once
     model, tokenizer = load_for_inference(job.model, adapter, job.trust_remote_code)
     name = f"{job.model} + {adapter}" if adapter else f"{job.model} (zero-shot)"
-    results = evaluate_model(model, tokenizer, examples, job, routing=False)[0]
+    results = evaluate_model(model, tokenizer, examples, job, routing=False, log_samples=log_samples)[0]
     print(results_tables({name: results}, job.scoring))
     if output:
         write_results(output, {name: results}, {

@@ -61,14 +61,16 @@ def fine_tune(model: nn.Module, tokenizer: Any, job: JobConfig, train_config: Tr
 
 def evaluate_model(model: nn.Module, tokenizer: Any, examples: Mapping[str, list[Example]], job: JobConfig,
                    progress: bool = True, return_predictions: bool = False,
-                   routing: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+                   routing: bool = True, log_samples: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Accuracy of ``model`` on each task (:func:`dynmole.evaluation.evaluate_tasks`, with the job's
     batch size, protocol and length limit) and, with ``routing`` and a MoLE model, the per-module
     routing statistics of those same forwards (else ``{}``). Collecting them runs every choice as a
-    full sequence (the shared-context path is off while the hooks count tokens)."""
+    full sequence (the shared-context path is off while the hooks count tokens). ``log_samples``:
+    the results also hold each example's choice scores and predictions (``"samples"``)."""
     model.eval()
     evaluate = functools.partial(evaluate_tasks, model, tokenizer, examples, job.eval_batch_size, job.scoring,
-                                 progress, return_predictions=return_predictions, max_length=job.eval_cutoff_len)
+                                 progress, return_predictions=return_predictions, log_samples=log_samples,
+                                 max_length=job.eval_cutoff_len)
     if not routing or find_mole(model) is None:
         return evaluate(), {}
     with model.collect_routing_stats() as stats:
