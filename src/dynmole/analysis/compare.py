@@ -101,7 +101,8 @@ def compare_markdown(a: Predictions, b: Predictions, names: tuple[str, str], met
 
     def row(name: str, accuracy_a: float, accuracy_b: float, result: Any, mcnemar: Any) -> None:
         lines.append(f"| {name} | {result.examples} | {100 * accuracy_a:.1f} | {100 * accuracy_b:.1f} | "
-                     f"{100 * result.difference:+.1f} | {difference_bounds(result)} | {p_value_cell(result.p_value)} | "
+                     f"{100 * result.difference:+.1f} | {difference_bounds(result)} | "
+                     f"{p_value_cell(result.p_value)} | "
                      f"{p_value_cell(mcnemar.p_value)} | {mcnemar.a_only} / {mcnemar.b_only} |")
 
     accuracies = {task: (float(m[0].mean()), float(m[1].mean())) for task, (_, m) in matrices.items()}
