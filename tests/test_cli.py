@@ -109,6 +109,8 @@ def test_peft_method_keeps_mole_defaults():
 def test_demo_defaults_are_bounded():
     job, train, _ = cli.job_configs(["demo"])
     assert train.max_steps > 0 and job.train_limit and job.eval_limit
+    # where the routers learn in 60 steps, probed before and after, on the leak-free split (issue 28)
+    assert train.router_lr_scale == 10 and train.routing_probe_steps == train.max_steps and job.split_version == 2
 
 
 @pytest.fixture
