@@ -3,12 +3,13 @@
 Every function takes per-token tensors with leading dims flattened or not, and a per-token
 weight ``valid`` (1 for real tokens, 0 for padding) of the same leading shape, so padding
 never counts. Coefficients are applied by :func:`aux_losses`, which averages each loss over
-all adapted modules of all layers.
+all adapted modules of all layers. :func:`add_aux_to_outputs` joins their total to the model's
+LM loss (a ``ModelOutput``, the tuple of ``return_dict=False``, or TRL's fused LM head's output).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -173,3 +174,52 @@ def aux_losses(
     losses = dict(parts, total=sum(parts.values(), zero))
     losses["active_experts"] = sums["active_experts"] / count
     return losses
+
+
+# ------------------------------------------------------------ joining the LM loss
+def loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | float:
+    """This micro-batch's share of the optimizer step's answer tokens, ``count / num_items_in_batch``,
+    when the forward got ``num_items_in_batch`` and labels (else 1).
+
+    The count is taken as transformers' ``ForCausalLMLoss`` sums (and the ``Trainer`` counts): the
+    tokens of ``shift_labels`` when given, else of ``labels[..., 1:]``, that are not ``-100``. A
+    device-side division (no host sync); a step with no answer tokens gives a share of 0.
+    """
+    items = kwargs.get("num_items_in_batch")
+    labels = kwargs.get("shift_labels")
+    if labels is None and kwargs.get("labels") is not None:
+        labels = kwargs["labels"][..., 1:]
+    if items is None or labels is None:
+        return 1.0
+    count = labels.ne(-100).sum().to(like.device, like.dtype)
+    if torch.is_tensor(items):
+        return count / items.to(like.device, like.dtype).clamp_min(1)
+    return count / max(items, 1)
+
+
+def has_labels(kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+
+
+def add_aux_to_outputs(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+    """``outputs`` with the aux loss added to its loss, weighted by :func:`loss_share`.
+
+    A ``ModelOutput`` gets it in ``loss``; the tuple of ``return_dict=False`` in its first element,
+    which transformers makes the loss when labels are given (a tuple is rebuilt, so use the return value).
+
+    TRL's fused LM head (``add_fused_lm_head``, which TRL's trainers put on the model) returns a
+    ``FusedCausalLMOutput`` whose ``log_probs`` the trainer turns into its loss,
+    ``-sum(log_probs) / n`` with ``n`` the answer tokens of the micro-batch or of the step; there the
+    aux loss is also subtracted from every answer position's log-probability, which adds it to that
+    loss with the same weight, ``answer tokens / n``, and keeps ``loss == -sum(log_probs) / n``.
+    """
+    if isinstance(outputs, tuple):
+        if outputs and has_labels(kwargs) and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
+            return (outputs[0] + aux * loss_share(kwargs, aux), *outputs[1:])
+        return outputs
+    if getattr(outputs, "loss", None) is not None:
+        outputs.loss = outputs.loss + aux * loss_share(kwargs, aux)
+    log_probs, mask = getattr(outputs, "log_probs", None), getattr(outputs, "label_mask", None)
+    if log_probs is not None and mask is not None:
+        outputs.log_probs = log_probs - aux.to(log_probs.dtype) * mask
+    return outputs

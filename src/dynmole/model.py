@@ -30,7 +30,7 @@ from .config import ADAPTER_TYPE, PEFT_TYPE, MoLEConfig
 from .errors import DynmoleError
 from .gating import build_gate_fn
 from .layers import MoLELinear, RoutingRecorder, reuse_stacked_weights
-from .losses import aux_losses
+from .losses import add_aux_to_outputs, aux_losses
 from .routing import LambdaMLP, update_l1_coefficient
 from .stats import RoutingStats
 
@@ -75,54 +75,6 @@ def _target_linears(model: nn.Module, config: MoLEConfig) -> list[str]:
     return found
 
 
-def _loss_share(kwargs: dict[str, Any], like: torch.Tensor) -> torch.Tensor | float:
-    """This micro-batch's share of the optimizer step's answer tokens, ``count / num_items_in_batch``,
-    when the forward got ``num_items_in_batch`` and labels (else 1).
-
-    The count is taken as transformers' ``ForCausalLMLoss`` sums (and the ``Trainer`` counts): the
-    tokens of ``shift_labels`` when given, else of ``labels[..., 1:]``, that are not ``-100``. A
-    device-side division (no host sync); a step with no answer tokens gives a share of 0.
-    """
-    items = kwargs.get("num_items_in_batch")
-    labels = kwargs.get("shift_labels")
-    if labels is None and kwargs.get("labels") is not None:
-        labels = kwargs["labels"][..., 1:]
-    if items is None or labels is None:
-        return 1.0
-    count = labels.ne(-100).sum().to(like.device, like.dtype)
-    if torch.is_tensor(items):
-        return count / items.to(like.device, like.dtype).clamp_min(1)
-    return count / max(items, 1)
-
-
-def _has_labels(kwargs: dict[str, Any]) -> bool:
-    return kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
-
-
-def _add_to_loss(outputs: Any, aux: torch.Tensor, kwargs: dict[str, Any]) -> Any:
-    """``outputs`` with the aux loss added to its loss, weighted by :func:`_loss_share`.
-
-    A ``ModelOutput`` gets it in ``loss``; the tuple of ``return_dict=False`` in its first element,
-    which transformers makes the loss when labels are given (a tuple is rebuilt, so use the return value).
-
-    TRL's fused LM head (``add_fused_lm_head``, which TRL's trainers put on the model) returns a
-    ``FusedCausalLMOutput`` whose ``log_probs`` the trainer turns into its loss,
-    ``-sum(log_probs) / n`` with ``n`` the answer tokens of the micro-batch or of the step; there the
-    aux loss is also subtracted from every answer position's log-probability, which adds it to that
-    loss with the same weight, ``answer tokens / n``, and keeps ``loss == -sum(log_probs) / n``.
-    """
-    if isinstance(outputs, tuple):
-        if outputs and _has_labels(kwargs) and torch.is_tensor(outputs[0]) and outputs[0].dim() == 0:
-            return (outputs[0] + aux * _loss_share(kwargs, aux), *outputs[1:])
-        return outputs
-    if getattr(outputs, "loss", None) is not None:
-        outputs.loss = outputs.loss + aux * _loss_share(kwargs, aux)
-    log_probs, mask = getattr(outputs, "log_probs", None), getattr(outputs, "label_mask", None)
-    if log_probs is not None and mask is not None:
-        outputs.log_probs = log_probs - aux.to(log_probs.dtype) * mask
-    return outputs
-
-
 class MoLEModel(BaseTuner):
     """PEFT's tuner of the ``DYNMOLE`` method: the HF causal LM ``self.model`` with
     :class:`MoLELinear` layers in place of its target linear layers.
@@ -141,7 +93,7 @@ class MoLEModel(BaseTuner):
     whole optimizer step, as the HF ``Trainer`` and transformers' recipe for accelerate loops do),
     the LM loss is a sum over this micro-batch's tokens divided by that count and the caller neither
     divides it by the accumulation steps nor leaves it per process. The aux loss is then weighted by
-    the same share, ``this micro-batch's answer tokens / num_items_in_batch`` (:func:`_loss_share`),
+    the same share, ``this micro-batch's answer tokens / num_items_in_batch`` (:func:`~dynmole.losses.loss_share`),
     so whatever the caller does to the LM loss (multiplying it by the number of processes, DDP
     averaging) it does alike to the aux loss: per optimizer step the aux loss is the
     answer-token-weighted mean over micro-batches (and processes), which is the plain mean of
@@ -149,7 +101,7 @@ class MoLEModel(BaseTuner):
     the accumulation steps or the process count that plain mean needs). Without
     ``num_items_in_batch`` the loss is the micro-batch's (LM mean + aux), as in a loop of your own
     that divides it by the accumulation steps. TRL's trainers compute their loss from the
-    per-token log-probabilities of their fused LM head: :func:`_add_to_loss` puts the aux loss
+    per-token log-probabilities of their fused LM head: :func:`~dynmole.losses.add_aux_to_outputs` puts the aux loss
     there with the same weighting.
 
     The new layers start in the mode (train/eval) of the model they wrap. ReMoLE's L1
@@ -327,7 +279,7 @@ class MoLEModel(BaseTuner):
             if not self.aux_in_loss:
                 self.pending_aux_loss = losses["total"]
             else:
-                outputs = _add_to_loss(outputs, losses["total"], kwargs)
+                outputs = add_aux_to_outputs(outputs, losses["total"], kwargs)
         return outputs
 
     @torch.no_grad()
