@@ -99,8 +99,9 @@ def test_comparison_table_and_logs(tmp_path):
     assert groups["LoRA"][0].entropy_curve() == [] and groups["LoRA"][0].log("loss") == []
     written = routing_plots(groups, tmp_path / "plots")
     names = sorted(p.name for p in written)
-    assert names == ["entropy_by_layer.png", "entropy_training.png", "expert_load.png", "experts_by_layer.png",
-                     "training_loss.png"]  # no variant routed soft: no soft-share figure
+    assert names == ["busiest_share_by_layer.png", "entropy_by_layer.png", "entropy_training.png", "expert_load.png",
+                     "experts_by_layer.png", "load_entropy_by_layer.png",
+                     "training_loss.png"]  # no variant routed soft: no soft-share figure; no input dependence recorded
     for path in written:
         _assert_png(path)
 
@@ -132,3 +133,20 @@ def test_time_table_reports_minutes_training_share_and_total(tmp_path):
     assert lines[2] == "| LoRA | 2 | 11.0 (10.0-12.0) | 75 % |"  # (450 + 540) / (600 + 720)
     assert lines[3] == "| Base | 1 | 6.0 | - |"
     assert lines[-1] == "In all 0.5 h of wall time, on: x86_64 Linux, CPU x2 threads."
+
+
+def test_routing_measures_by_layer_come_from_the_load_and_input_dependence_where_recorded(tmp_path):
+    """Runs of every version record each module's load: busiest share and load entropy are drawn from
+    it; input dependence only where the runs recorded it (RoutingStats since 2026-12-06)."""
+    from dynmole.analysis.report import _by_layer_panels
+
+    old = _record(tmp_path, "MoLA", 0, 0.6, _routing(), None, {"method": "mola"})
+    panels = _by_layer_panels(group_by_variant([old]), "busiest_share")
+    assert panels["up_proj"]["MoLA"] == [{0: 0.5, 1: 0.5}] and panels["gate_proj"]["MoLA"] == [{0: 0.5, 1: 0.5}]
+    names = {p.name for p in routing_plots(group_by_variant([old]), tmp_path / "old")}
+    assert "load_entropy_by_layer.png" in names and "input_dependence_by_layer.png" not in names
+    recorded = {module: {**stats, "input_dependence": 0.3} for module, stats in _routing().items()}
+    new = _record(tmp_path / "new", "DynMoLE", 0, 0.6, recorded, None, {"method": "dynmole"})
+    written = routing_plots(group_by_variant([new]), tmp_path / "new-plots")
+    assert "input_dependence_by_layer.png" in {p.name for p in written}
+    _assert_png(tmp_path / "new-plots" / "input_dependence_by_layer.png")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from statistics import NormalDist
-from typing import Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from ..data.leakage import leaked_eval_ids
 from ..data.split import LEAK_FREE_SPLIT, LEGACY_SPLIT
 from ..evaluation.report import metric_heading
 from ..io import atomic_write
+from ..routing_measures import COLLAPSE_SHARE, busiest_share, load_entropy
 from ..training.runs import RESULTS_MD_NAME
 from .plots import plot_ablation, plot_by_layer, plot_curves, plot_load_heatmaps
 from .routing_claims import (
@@ -60,12 +61,21 @@ def _heading(groups: Mapping[str, Sequence[RunRecord]], metric: str) -> str:
     return f"{metric} (%, mixed protocols {', '.join(protocols)}: not comparable)"
 
 
+def _with_load_measures(routing: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each module's routing statistics with the busiest expert's share and the load entropy
+    (:mod:`dynmole.routing_measures`) computed from its ``load``, which runs of every version record;
+    modules without gate mass are left out."""
+    return {module: {**stats, "busiest_share": busiest_share(stats["load"]),
+                     "load_entropy": load_entropy(stats["load"])}
+            for module, stats in routing.items() if sum(stats["load"]) > 0}
+
+
 def _by_layer_panels(groups: Mapping[str, Sequence[RunRecord]], key: str) -> dict[str, dict[str, list]]:
     """projection -> variant -> per seed {layer: value}, over the variants with routing stats."""
     panels: dict[str, dict[str, list]] = {}
     for name, records in groups.items():
         for record in records:
-            for projection, values in by_layer(record.routing, key).items():
+            for projection, values in by_layer(_with_load_measures(record.routing), key).items():
                 panels.setdefault(projection, {}).setdefault(name, []).append(values)
     return panels
 
@@ -114,6 +124,15 @@ def routing_plots(groups: Mapping[str, Sequence[RunRecord]], directory: Path) ->
     written.append(plot_by_layer(_by_layer_panels(routed, "entropy"), directory / "entropy_by_layer.png",
                                  "normalised Tsallis entropy", "Router entropy by layer (evaluation)"))
     written.append(plot_load_heatmaps({n: _mean_loads(rs) for n, rs in routed.items()}, directory / "expert_load.png"))
+    written.append(plot_by_layer(_by_layer_panels(routed, "busiest_share"), directory / "busiest_share_by_layer.png",
+                                 "busiest expert's share of the load",
+                                 f"Busiest expert's share by layer (evaluation; collapsed at >= {COLLAPSE_SHARE:g})"))
+    written.append(plot_by_layer(_by_layer_panels(routed, "load_entropy"), directory / "load_entropy_by_layer.png",
+                                 "load entropy / log N", "Load entropy by layer (evaluation; 1 = balanced)"))
+    if all(s.get("input_dependence") is not None for rs in routed.values() for r in rs for s in r.routing.values()):
+        written.append(plot_by_layer(_by_layer_panels(routed, "input_dependence"),
+                                     directory / "input_dependence_by_layer.png", "input dependence (I / log N)",
+                                     "Input dependence of the gates by layer (evaluation)"))
     written += _probe_plots(routed, soft, directory)
     entropy = {n: [r.entropy_curve() for r in rs] for n, rs in routed.items()}
     if any(any(c) for c in entropy.values()):
