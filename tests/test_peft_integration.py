@@ -171,3 +171,20 @@ def test_command_line_options_leave_peft_fields_out(capsys):
     assert "--num-experts" in options and "--top-p" in options
     peft_fields = ("peft_type", "task_type", "inference_mode", "peft_version", "base_model_name_or_path")
     assert not any(f"--{name.replace('_', '-')}" in options for name in peft_fields)
+
+
+def test_peft_loader_reads_our_markers_without_a_warning_and_checks_them(tiny_llama, tmp_path):
+    """``PeftConfig.from_pretrained`` / ``PeftModel.from_pretrained`` pass the whole adapter_config.json
+    to MoLEConfig (not through its ``check_kwargs``): our markers are taken without PEFT's "unexpected
+    keyword arguments ... upgrade PEFT" warning, and a newer format is refused, as our own loader does."""
+    import warnings
+
+    get_peft_model(tiny_llama(), _config("dynmole")).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert isinstance(PeftConfig.from_pretrained(str(tmp_path)), MoLEConfig)
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version=99; this dynmole reads versions up to 3: upgrade dynmole"):
+        PeftConfig.from_pretrained(str(tmp_path))

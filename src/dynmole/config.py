@@ -12,7 +12,7 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,21 @@ class MoLEConfig(PeftConfig):
         default=None,
     )
 
-    def __post_init__(self) -> None:
+    # The markers save_pretrained writes beside the settings. PEFT's own loader (PeftConfig.from_pretrained,
+    # PeftModel.from_pretrained) passes the whole adapter_config.json to the constructor without our
+    # check_kwargs hook: accepted here, so PEFT does not drop them with an "upgrade PEFT" warning, and checked.
+    adapter_type: InitVar[str | None] = None
+    format_version: InitVar[int | None] = None
+    dynmole_version: InitVar[str | None] = None
+
+    def __post_init__(self, adapter_type: str | None = None, format_version: int | None = None,
+                      dynmole_version: str | None = None) -> None:
+        if adapter_type not in (None, ADAPTER_TYPE):
+            raise DynmoleError(f"not a dynmole adapter config: adapter_type={adapter_type!r}")
+        newer = not isinstance(format_version, int) or format_version > ADAPTER_FORMAT_VERSION
+        if format_version is not None and newer:
+            raise DynmoleError(f"the adapter config has format_version={format_version!r}; this dynmole reads "
+                               f"versions up to {ADAPTER_FORMAT_VERSION}: upgrade dynmole")
         if self.peft_type not in (None, PEFT_TYPE):
             raise DynmoleError(f"a MoLEConfig has peft_type {PEFT_TYPE.value}, got {self.peft_type!r}")
         if self.task_type not in (None, TaskType.CAUSAL_LM):
