@@ -34,6 +34,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .entropy import shannon_entropy
+
 COLLAPSE_SHARE = 0.9
 """A module's router has **collapsed** when its busiest expert carries at least this share of the load."""
 SPECIALISE_DEPENDENCE = 0.2
@@ -108,15 +110,15 @@ def routing_measures(gate_sum: Sequence[float] | np.ndarray, entropy_sum: float,
 def gate_sums(
     gates: torch.Tensor, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(sum_t g_t, sum_t H(g_t), T)`` over the valid tokens of ``gates`` that carry gate mass (a
-    ReMoLE token with every gate 0 has no distribution: it adds to none of the three) (``[..., N]``, non-negative,
-    a token's gates need not sum to 1: they are normalised here), as device tensors: adding them
-    up batch after batch needs no host sync. ``valid`` (shape ``gates.shape[:-1]``, 1 for a real
-    token, 0 for padding; default all 1) weights each token."""
+    """``(sum_t g_t, sum_t H(g_t), T)`` over the valid tokens of ``gates`` (``[..., N]``, non-negative;
+    a token's gates need not sum to 1: they are normalised here) that carry gate mass (a ReMoLE
+    token with every gate 0 has no distribution and adds to none of the three), as device tensors:
+    adding them up batch after batch needs no host sync. ``valid`` (shape ``gates.shape[:-1]``, 1 for
+    a real token, 0 for padding; default all 1) weights each token."""
     flat = gates.detach().float().reshape(-1, gates.shape[-1])
     weight = torch.ones(flat.shape[0], device=flat.device) if valid is None else valid.reshape(-1).float()
     mass = flat.sum(dim=-1, keepdim=True)
     g = flat / mass.clamp_min(1e-12)
-    entropy = -torch.where(g > 0, g * torch.log(g.clamp_min(1e-30)), torch.zeros_like(g)).sum(dim=-1)
+    entropy = shannon_entropy(g, normalize=False)
     routed = weight * (mass.squeeze(-1) > 0)
     return (g * weight.unsqueeze(-1)).sum(dim=0), (entropy * weight).sum(), routed.sum()

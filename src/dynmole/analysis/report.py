@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Collection, Mapping, Sequence
@@ -205,14 +204,14 @@ def leaked_items(groups: Mapping[str, Sequence[RunRecord]]) -> set[str]:
     """The evaluation ids of the runs' packaged tasks that have a near-duplicate in their training half
     under the split the runs were made with (:func:`dynmole.data.leakage.leaked_eval_ids`; runs
     recorded before split versions used the first); none for runs on the leak-free split or local data."""
-    leaked: set[str] = set()
-    jobs = {json.dumps(r.result.get("job", {}), sort_keys=True) for runs in groups.values() for r in runs}
-    for job in map(json.loads, jobs):
+    splits = set()
+    for job in (r.result.get("job", {}) for runs in groups.values() for r in runs):
         version = job.get("split_version", LEGACY_SPLIT)
-        if job.get("source", "packaged") != "packaged" or version == LEAK_FREE_SPLIT:
-            continue
-        for task in job.get("tasks", []):
-            leaked.update(leaked_eval_ids(task, job.get("eval_fraction", 0.5), version))
+        if job.get("source", "packaged") == "packaged" and version != LEAK_FREE_SPLIT:
+            splits.update((task, job.get("eval_fraction", 0.5), version) for task in job.get("tasks", []))
+    leaked: set[str] = set()
+    for task, fraction, version in sorted(splits):  # each task's split once, however many runs share it
+        leaked.update(leaked_eval_ids(task, fraction, version))
     return leaked
 
 
