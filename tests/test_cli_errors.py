@@ -114,3 +114,16 @@ def test_debug_shows_the_traceback_and_a_bug_always_does(toy_eval, monkeypatch):
     _fail_with(monkeypatch, KeyError("a bug"))
     with pytest.raises(KeyError, match="a bug"):
         cli.main(toy_eval)
+
+
+def test_ctrl_c_ends_a_command_with_one_line_on_how_to_resume(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "train_job", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--method", "lora", "--tasks", "arc_e", "--output-dir", "unused"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("interrupted: `dynmole train` stopped") and "--resume" in err
+    assert "Traceback" not in err

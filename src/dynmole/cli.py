@@ -213,11 +213,18 @@ def _dispatch(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a command. A user's mistake (:func:`_is_user_error`) prints one line ``error: ...`` to
-    stderr and exits with status 2; with ``--debug`` or ``DYNMOLE_DEBUG=1`` it raises, traceback and all."""
+    stderr and exits with status 2; with ``--debug`` or ``DYNMOLE_DEBUG=1`` it raises, traceback and all.
+    Ctrl-C prints one line saying how to resume and exits with status 130."""
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_third_party()
     try:
         _dispatch(argv)
+    except KeyboardInterrupt:
+        command = argv[0] if argv else "dynmole"
+        print(f"interrupted: `dynmole {command}` stopped before it finished; a run that saves checkpoints "
+              "(--save-steps) continues from the newest complete one with --resume, and `dynmole reproduce` "
+              "skips finished runs when started again", file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         if "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0") or not _is_user_error(err):
             raise
